@@ -1,0 +1,185 @@
+"""The one loader for `params.yaml`: typed groups, defaults in one place, clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad value in params.yaml: the message names the key, the value and what is allowed."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+           hi_open: bool = False) -> dict:
+    return {"range": (lo, hi, lo_open, hi_open)}
+
+
+@dataclass(frozen=True)
+class Subset:
+    train: int | None = field(default=None, metadata=_range(1))
+    val: int | None = field(default=None, metadata=_range(1))
+    test: int | None = field(default=None, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["fashion-mnist", "mnist", "cifar10", "synthetic"] = "fashion-mnist"
+    root: str | None = None
+    val_fraction: float = field(default=0.1, metadata=_range(0.0, 1.0, True, True))
+    subset: Subset = field(default_factory=Subset)
+    seed: int = field(default=0, metadata=_range(0))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Literal["cnn", "nin", "alexnet"] = "cnn"
+    width: float = field(default=1.0, metadata=_range(0.0, 16.0, True))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = field(default=4, metadata=_range(1, 10000))
+    batch_size: int = field(default=128, metadata=_range(1, 65536))
+    lr: float = field(default=0.005, metadata=_range(0.0, 10.0, True))
+    lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
+    weight_decay: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    seed: int = field(default=0, metadata=_range(0))
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = field(default=0, metadata=_range(0, 1024))
+    flip_window: int = field(default=1, metadata=_range(1, 10000))
+    flip_granularity: Literal["step", "epoch"] = "step"
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=2, lr=0.001, flip_window=1))
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return {type(None): "null", bool: "a boolean", int: "an integer", float: "a number",
+            str: "a string"}.get(tp, str(tp))
+
+
+def _check_range(key: str, value: Any, meta: dict) -> None:
+    if "range" not in meta or value is None:
+        return
+    lo, hi, lo_open, hi_open = meta["range"]
+    too_low = lo is not None and (value <= lo if lo_open else value < lo)
+    too_high = hi is not None and (value >= hi if hi_open else value > hi)
+    if too_low or too_high:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        allowed = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+        raise ConfigError(f"{key}: {value!r} is out of range; allowed: {allowed}")
+
+
+def _convert(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(key, value, tp)
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(key, value, arg)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, list):
+            return [_convert(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: {value!r} is not allowed; expected {_type_name(tp)}")
+
+
+def _build(prefix: str, raw: Any, cls: type) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix}: {raw!r} is not allowed; expected {_type_name(cls)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(
+                f"{where}: unknown key{hint} (allowed: {', '.join(fields)})")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        values[name] = _convert(key, raw[name], hints[name])
+        _check_range(key, values[name], dict(f.metadata))
+    return cls(**values)
+
+
+def parse_params(raw: dict | None) -> Params:
+    """Validate a params mapping (as read from YAML) into typed groups."""
+    return _build("", raw, Params)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    return parse_params(raw)
+
+
+def as_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flat_dict(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{'train.lr': 0.005, ...}: the form MLflow params take (from a config or a dict)."""
+    if dataclasses.is_dataclass(d):
+        d = dataclasses.asdict(d)
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flat_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

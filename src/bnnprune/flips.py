@@ -1,0 +1,107 @@
+"""Per-weight sign-flip counting over the pruning interval, and per-layer flip ratios."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnnprune.binary import binary_layers
+
+
+class FlipCounter:
+    """Counts, per binary weight, changes of sign(w) between consecutive observations.
+
+    Observations happen after every optimizer step (`granularity="step"`) or at every epoch
+    end (`"epoch"`). Counts accumulate only while `active` (the pruning interval); the
+    per-epoch flip ratio of each layer (flips / (weights * observations)) is kept always.
+    """
+
+    def __init__(self, model: nn.Module, granularity: str = "step"):
+        if granularity not in ("step", "epoch"):
+            raise ValueError(f"flip granularity {granularity!r}; allowed: 'step', 'epoch'")
+        self.layers = binary_layers(model)
+        self.granularity = granularity
+        self.prev = {n: m.weight.detach() >= 0 for n, m in self.layers.items()}
+        self.counts = {n: torch.zeros_like(p, dtype=torch.int32) for n, p in self.prev.items()}
+        self.observations = 0
+        self.active = False
+        self._epoch_flips = {n: 0 for n in self.layers}
+        self._epoch_obs = 0
+
+    @torch.no_grad()
+    def observe(self) -> None:
+        for n, m in self.layers.items():
+            cur = m.weight.detach() >= 0
+            flipped = cur != self.prev[n]
+            self.prev[n] = cur
+            self._epoch_flips[n] += int(flipped.sum())
+            if self.active:
+                self.counts[n] += flipped
+        self._epoch_obs += 1
+        if self.active:
+            self.observations += 1
+
+    def step(self) -> None:
+        if self.granularity == "step":
+            self.observe()
+
+    def end_epoch(self) -> dict[str, float]:
+        """Close an epoch; returns each layer's mean flip ratio per observation in it."""
+        if self.granularity == "epoch":
+            self.observe()
+        obs = max(self._epoch_obs, 1)
+        ratios = {n: self._epoch_flips[n] / (self.prev[n].numel() * obs) for n in self.layers}
+        self._epoch_flips = {n: 0 for n in self.layers}
+        self._epoch_obs = 0
+        return ratios
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"prev": {n: p.cpu() for n, p in self.prev.items()},
+                "counts": {n: c.cpu() for n, c in self.counts.items()},
+                "observations": self.observations, "active": self.active}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = next(iter(self.prev.values())).device if self.prev else "cpu"
+        self.prev = {n: p.to(device) for n, p in state["prev"].items()}
+        self.counts = {n: c.to(device) for n, c in state["counts"].items()}
+        self.observations = state["observations"]
+        self.active = state["active"]
+
+    def export(self, model_config: dict, window_epochs: int) -> dict[str, Any]:
+        """The content of models/flips.pt."""
+        return {
+            "counts": {n: c.cpu() for n, c in self.counts.items()},
+            "observations": self.observations,
+            "granularity": self.granularity,
+            "window_epochs": window_epochs,
+            "model_config": model_config,
+        }
+
+
+class FlipsError(ValueError):
+    pass
+
+
+def load_flips(path: str | Path, model: nn.Module) -> dict[str, Any]:
+    """Load a flips file and check it belongs to `model` (same binary layers and shapes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FlipsError(f"{path}: flips file not found")
+    try:
+        flips = torch.load(path, map_location="cpu", weights_only=True)
+        counts = flips["counts"]
+    except Exception as e:
+        raise FlipsError(f"{path}: not a bnnprune flips file ({type(e).__name__}: {e})") from e
+    layers = binary_layers(model)
+    if set(counts) != set(layers):
+        raise FlipsError(f"{path}: flip counts for layers {sorted(counts)} do not match the "
+                         f"checkpoint's binary layers {sorted(layers)}")
+    for n, m in layers.items():
+        if tuple(counts[n].shape) != tuple(m.weight.shape):
+            raise FlipsError(f"{path}: layer {n} has flip counts of shape "
+                             f"{tuple(counts[n].shape)}, but its weight is "
+                             f"{tuple(m.weight.shape)}")
+    return flips

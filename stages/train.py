@@ -1,0 +1,45 @@
+"""train: train the baseline BNN, logging per-weight sign flips over the last epochs."""
+
+import time
+
+from bnnprune.cli import run_stage
+from bnnprune.config import load_params
+from bnnprune.data import load_prepared
+from bnnprune.files import save_csv, save_json, save_torch
+from bnnprune.models import build_model, model_config, save_checkpoint
+from bnnprune.tracking import log_artifacts, log_metrics, stage_run
+from bnnprune.train import evaluate, fingerprint, finish_resume, fit
+
+RESUME = ".bnnprune/resume/train.pt"
+
+
+def main() -> None:
+    params = load_params()
+    splits, card = load_prepared("data/prepared")
+    cfg = params.train
+    groups = {"data": params.data, "model": params.model, "train": cfg}
+    with stage_run("train", groups, fingerprint(groups, card["sources"])):
+        model = build_model(model_config(params.model.arch, params.model.width, card["shape"],
+                                         card["num_classes"]), seed=cfg.seed)
+        start = time.perf_counter()
+        result = fit(model, splits["train"], splits["val"], card, cfg, RESUME)
+        seconds = time.perf_counter() - start
+        val, test = (evaluate(model, splits[k], card) for k in ("val", "test"))
+        metrics = {"val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
+                   "test_loss": test["loss"], "train_seconds": round(seconds, 1),
+                   "resumed_from_epoch": result.resumed_from_epoch,
+                   "flip_observations": result.flips.observations}
+        save_checkpoint("models/baseline.pt", model, metrics=metrics, history=result.history)
+        save_torch("models/flips.pt", result.flips.export(model.config, cfg.flip_window))
+        save_json("reports/metrics/train.json", metrics)
+        save_csv("reports/plots/train_history.csv", result.history)
+        save_csv("reports/plots/flip_ratio.csv", result.flip_history)
+        log_metrics({k: v for k, v in metrics.items() if k != "resumed_from_epoch"})
+        log_artifacts("reports/metrics/train.json", "reports/plots/train_history.csv",
+                      "reports/plots/flip_ratio.csv")
+        finish_resume(RESUME)
+    print(f"train: val_acc {val['acc']:.4f} test_acc {test['acc']:.4f} in {seconds:.0f}s")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from bnnprune.binary import BinaryConv2d, binary_layers
+from bnnprune.models import (
+    ARCHS,
+    CheckpointError,
+    build_model,
+    load_checkpoint,
+    model_config,
+    save_checkpoint,
+)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_every_arch_runs_on_both_input_shapes_with_float_first_and_last(arch, shape):
+    model = build_model(model_config(arch, 0.25, list(shape), 10), seed=0)
+    x = torch.randn(2, *shape)
+    assert model(x).shape == (2, 10)
+    first = model.blocks[0].layer
+    assert type(first) is torch.nn.Conv2d  # full precision
+    assert len(binary_layers(model)) == len(model.blocks) - 1
+    loss = model(x).sum()
+    loss.backward()  # STE lets gradient reach every latent weight
+    assert all(m.weight.grad is not None for m in binary_layers(model).values())
+
+
+def test_nin_has_seven_binary_layers_between_float_first_and_last():
+    model = build_model(model_config("nin", 1.0, [3, 32, 32], 10))
+    assert len(binary_layers(model)) == 7
+    assert all(isinstance(m, BinaryConv2d) for m in binary_layers(model).values())
+
+
+def test_checkpoint_roundtrip_rebuilds_from_file_alone(tmp_path):
+    model = build_model({**model_config("cnn", 0.25, [1, 28, 28], 10), "channels":
+                         [8, 5, 16, 7, 32, 9]}, seed=1)
+    model.eval()
+    path = save_checkpoint(tmp_path / "m.pt", model, note="x")
+    loaded, ckpt = load_checkpoint(path, arch="cnn")
+    loaded.eval()
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(model(x), loaded(x))
+    assert ckpt["meta"]["note"] == "x"
+    with pytest.raises(CheckpointError, match="architecture 'cnn', but model.arch is 'nin'"):
+        load_checkpoint(path, arch="nin")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a bnnprune checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
