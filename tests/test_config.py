@@ -1,7 +1,8 @@
 import pytest
-from conftest import REPO
 
 from bnnprune.config import ConfigError, Params, load_params, parse_params
+
+from conftest import REPO
 
 
 def test_committed_params_parse_and_defaults_fill_in():

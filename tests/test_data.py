@@ -6,10 +6,11 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from conftest import write_idx
 
 from bnnprune.config import DataConfig, Subset
 from bnnprune.data import DataError, load_cifar10, load_prepared, prepare
+
+from conftest import write_idx
 
 
 def test_prepare_idx_split_stats_and_card(idx_root, tmp_path):

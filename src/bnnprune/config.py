@@ -178,7 +178,7 @@ def flat_dict(d: Any, prefix: str = "") -> dict[str, Any]:
         d = dataclasses.asdict(d)
     out: dict[str, Any] = {}
     for key, value in d.items():
-        if isinstance(value, dict):
+        if dataclasses.is_dataclass(value) or isinstance(value, dict):
             out.update(flat_dict(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value

@@ -140,7 +140,8 @@ def fit(model: BNN, train: Split, val: Split, card: dict, cfg: TrainConfig,
             total_loss += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}",
+                            refresh=False)
         ratios = flips.end_epoch()
         val_metrics = evaluate(model, val, card, device=device)
         record = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_acc": correct / seen,
