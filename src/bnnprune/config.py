@@ -59,12 +59,33 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    exporter: Literal["dynamo", "legacy"] = "dynamo"
+    opset: int = field(default=18, metadata=_range(13, 23))
+    tolerance: float = field(default=1e-4, metadata=_range(0.0, 1.0, True))  # max |logit diff|
+    latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 256],
+                                           metadata=_range(1, 65536))
+    latency_repeats: int = field(default=20, metadata=_range(1, 10000))
+    threads: int = field(default=2, metadata=_range(0, 1024))
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    min_test_acc: float = field(default=0.85, metadata=_range(0.0, 1.0))
+    max_acc_drop_pt: float = field(default=2.0, metadata=_range(None, 100.0))
+    min_bops_reduction_pct: float = field(default=20.0, metadata=_range(None, 100.0))
+    min_speedup_cpu: float = field(default=1.1, metadata=_range(0.0))
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=2, lr=0.001, flip_window=1))
+    export: ExportConfig = field(default_factory=ExportConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -80,6 +101,10 @@ def _type_name(tp: Any) -> str:
 
 def _check_range(key: str, value: Any, meta: dict) -> None:
     if "range" not in meta or value is None:
+        return
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_range(f"{key}[{i}]", v, meta)
         return
     lo, hi, lo_open, hi_open = meta["range"]
     too_low = lo is not None and (value <= lo if lo_open else value < lo)
