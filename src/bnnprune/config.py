@@ -59,6 +59,20 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PruneConfig:
+    criterion: Literal["flip", "latent", "random"] = "flip"
+    tau: float = field(default=20.0, metadata=_range(0.0))  # insensitive: flip count > tau
+    min_channels: int = field(default=8, metadata=_range(1))
+    target_bop_reduction: float | None = field(default=None,
+                                               metadata=_range(0.0, 1.0, False, True))
+    iterations: int = field(default=1, metadata=_range(1, 100))
+    retrain_epochs: int = field(default=1, metadata=_range(1, 10000))
+    seed: int = field(default=0, metadata=_range(0))
+    compare: list[Literal["flip", "latent", "random"]] = field(
+        default_factory=lambda: ["latent", "random"])
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     exporter: Literal["dynamo", "legacy"] = "dynamo"
     opset: int = field(default=18, metadata=_range(13, 23))
@@ -84,6 +98,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=2, lr=0.001, flip_window=1))
+    prune: PruneConfig = field(default_factory=PruneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     gate: GateConfig = field(default_factory=GateConfig)
 
