@@ -1,0 +1,86 @@
+import pytest
+import torch
+from torch import nn
+
+from bnnprune.binary import BINARY_LAYERS
+from bnnprune.models import ARCHS, build_model, model_config
+from bnnprune.ops import count_ops, reduction_pct
+
+CNN = model_config("cnn", 0.25, [1, 28, 28], 10)  # channels [8, 8, 16, 16, 32, 32]
+
+
+def test_small_cnn_counts_equal_hand_computed_values():
+    ops = count_ops(CNN)
+    rows = {r["name"]: r for r in ops["layers"]}
+    # float stem 1 -> 8, 3x3, pad 1, 28x28 out: 28*28 * 8 * 1*9 MACs
+    assert rows["blocks.0"]["flops"] == 28 * 28 * 8 * 9 == 56448
+    assert rows["blocks.0"]["bops"] == 0
+    # binary 8 -> 8 at 28x28 (max-pool after: counted before pooling)
+    assert rows["blocks.1"]["bops"] == 28 * 28 * 8 * 8 * 9 == 451584
+    assert rows["blocks.2"]["bops"] == 14 * 14 * 16 * 8 * 9 == 225792
+    assert rows["blocks.3"]["bops"] == 14 * 14 * 16 * 16 * 9 == 451584
+    assert rows["blocks.4"]["bops"] == 7 * 7 * 32 * 16 * 9 == 225792
+    assert rows["blocks.5"]["bops"] == 7 * 7 * 32 * 32 * 9 == 451584
+    # classifier: flatten 32 x 3 x 3 -> 10, bias not counted as MACs
+    assert rows["classifier"]["flops"] == 32 * 3 * 3 * 10 == 2880
+    assert rows["classifier"]["in_channels"] == 288
+    total = ops["total"]
+    assert total["bops"] == 451584 * 3 + 225792 * 2 == 1806336
+    assert total["flops"] == 56448 + 2880
+    assert total["ops"] == 1806336 / 64 + 56448 + 2880
+    binary_weights = 8 * 8 * 9 + 16 * 8 * 9 + 16 * 16 * 9 + 32 * 16 * 9 + 32 * 32 * 9
+    bn = 2 * (8 + 8 + 16 + 16 + 32 + 32)
+    float_params = 8 * 9 + bn + 288 * 10 + 10
+    assert total["binary_params"] == binary_weights == 17856
+    assert total["float_params"] == float_params == 3186
+    assert total["size_bits"] == 17856 + 32 * 3186
+    assert total["size_bytes"] == total["size_bits"] / 8
+
+
+def test_pruned_config_is_counted_with_its_channels():
+    ops = count_ops({**CNN, "channels": [8, 5, 16, 7, 32, 9]})
+    bops = [r["bops"] for r in ops["layers"]]
+    assert bops == [0, 28 * 28 * 5 * 8 * 9, 14 * 14 * 16 * 5 * 9, 14 * 14 * 7 * 16 * 9,
+                    7 * 7 * 32 * 7 * 9, 7 * 7 * 9 * 32 * 9, 0]
+    assert ops["layers"][-1]["flops"] == 9 * 3 * 3 * 10
+
+
+def hooked_macs(model: nn.Module, in_shape) -> tuple[int, int]:
+    """An independent count: run the model once and read every conv/linear's real shapes."""
+    counts = {"bops": 0, "flops": 0}
+
+    def hook(module, inputs, output):
+        per_output = module.weight[0].numel()  # C_in * k * k (or in_features)
+        key = "bops" if isinstance(module, BINARY_LAYERS) else "flops"
+        counts[key] += output[0].numel() * per_output  # one image
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear))]
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, *in_shape))
+    for h in handles:
+        h.remove()
+    return counts["bops"], counts["flops"]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_counts_match_the_shapes_the_model_really_computes(arch, shape):
+    config = model_config(arch, 0.125, list(shape), 10)
+    # prune a few channels of every binary layer
+    config["channels"] = [c if i == 0 else max(1, c - 1 - i % 3)
+                          for i, c in enumerate(config["channels"])]
+    model = build_model(config, seed=0)
+    ops = count_ops(model)
+    assert (ops["total"]["bops"], ops["total"]["flops"]) == hooked_macs(model, shape)
+    n_binary = sum(p.numel() for m in model.modules() if isinstance(m, BINARY_LAYERS)
+                   for p in m.parameters())
+    assert ops["total"]["binary_params"] == n_binary
+    assert ops["total"]["binary_params"] + ops["total"]["float_params"] == sum(
+        p.numel() for p in model.parameters())
+
+
+def test_reduction_pct():
+    assert reduction_pct(200, 150) == 25.0
+    assert reduction_pct(0, 0) == 0.0
