@@ -1,0 +1,145 @@
+"""Kernel micro-benchmark: packed CPU binary GEMM vs torch float32 matmul on the same shapes.
+
+    python -m bnnprune.bench_kernels --threads 2 [--shapes 50176x288x32,...] [--conv]
+                                     [--out reports/kernel_bench.json]
+
+A GEMM shape is (N, K, M) = (batch * H_out * W_out, Cin * kh * kw, Cout). For each shape the
+methods run interleaved (one call of each per round, rotating order, after warm-up) and the
+median wall time is reported; torch and numba use the same thread count.
+  torch      torch.matmul(A, W^T), A (N, K) and W^T (K, M) float32 ±1
+  gemm       cpu.binary_gemm on packed A (weights packed once, as at inference)
+  pack+gemm  cpu.pack_rows(A float32) + cpu.binary_gemm: includes packing the activations
+With --conv, whole binary convolutions of the default network are also timed:
+  cpu.binary_conv2d(x float32 NCHW, packed weight) vs F.conv2d(x, w) float32 (oneDNN).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bnnprune.kernels import cpu
+
+# Conv layers of a compact CNN on 28x28 input, batch 64, and the DESIGN.md example:
+# (B, Cin, H, W, Cout) with 3x3 kernels, stride 1, padding 1.
+DEFAULT_CONVS = [(64, 32, 28, 28, 32), (64, 32, 14, 14, 64), (64, 64, 14, 14, 64),
+                 (64, 64, 7, 7, 128), (64, 128, 7, 7, 128), (64, 128, 14, 14, 128)]
+DEFAULT_SHAPES = [(b * h * w, cin * 9, cout) for b, cin, h, w, cout in DEFAULT_CONVS]
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
+                     warmup: int) -> dict[str, float]:
+    """Median wall seconds per call of each fn; one call of each per round, rotating order."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup + repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
+
+
+def bench_gemm(n: int, k: int, m: int, repeats: int, warmup: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.where(torch.randn(n, k, generator=g) >= 0, 1.0, -1.0)  # (N, K)
+    w = torch.where(torch.randn(m, k, generator=g) >= 0, 1.0, -1.0)  # (M, K)
+    wt = w.T.contiguous()  # (K, M)
+    a_np = a.numpy()
+    a_packed, w_packed = cpu.pack_rows(a_np), cpu.pack_weight(w)
+    exact = bool((cpu.binary_gemm(a_packed, w_packed, k) == torch.matmul(a, wt).numpy()).all())
+    t = time_interleaved({
+        "torch": lambda: torch.matmul(a, wt),
+        "gemm": lambda: cpu.binary_gemm(a_packed, w_packed, k),
+        "pack+gemm": lambda: cpu.binary_gemm(cpu.pack_rows(a_np), w_packed, k),
+    }, repeats, warmup)
+    return {"n": n, "k": k, "m": m, "torch_ms": 1e3 * t["torch"], "gemm_ms": 1e3 * t["gemm"],
+            "pack_gemm_ms": 1e3 * t["pack+gemm"], "speedup_gemm": t["torch"] / t["gemm"],
+            "speedup_pack_gemm": t["torch"] / t["pack+gemm"], "exact": exact}
+
+
+def bench_conv(b: int, cin: int, h: int, w: int, cout: int, repeats: int, warmup: int,
+               seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, cin, h, w, generator=g)  # (B, Cin, H, W) pre-activations
+    wt = torch.where(torch.randn(cout, cin, 3, 3, generator=g) >= 0, 1.0, -1.0)
+    xb = F.pad(torch.where(x >= 0, 1.0, -1.0), (1,) * 4, value=1.0)  # sign, padded with +1
+    x_np, pw = x.numpy(), cpu.pack_conv_weight(wt)
+    exact = bool((cpu.binary_conv2d(x_np, pw, 1, 1) == F.conv2d(xb, wt).numpy()).all())
+    t = time_interleaved({
+        "torch": lambda: F.conv2d(xb, wt),
+        "packed": lambda: cpu.binary_conv2d(x_np, pw, 1, 1),
+    }, repeats, warmup)
+    return {"b": b, "cin": cin, "h": h, "w": w, "cout": cout, "torch_ms": 1e3 * t["torch"],
+            "packed_ms": 1e3 * t["packed"], "speedup": t["torch"] / t["packed"], "exact": exact}
+
+
+def run(shapes: list[tuple[int, int, int]] = DEFAULT_SHAPES, threads: int = 2,
+        repeats: int = 15, warmup: int = 3, convs: list[tuple[int, ...]] | None = None) -> dict:
+    torch.set_num_threads(threads)
+    numba.set_num_threads(threads)
+    gemm = [bench_gemm(n, k, m, repeats, warmup) for n, k, m in shapes]
+    conv = [bench_conv(*c, repeats, warmup) for c in convs or []]
+    return {
+        "threads": threads, "repeats": repeats, "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "numba": numba.__version__,
+        "numba_threading_layer": numba.threading_layer(),
+        "min_speedup_gemm": min(r["speedup_gemm"] for r in gemm),
+        "min_speedup_pack_gemm": min(r["speedup_pack_gemm"] for r in gemm),
+        "gemm": gemm, "conv": conv,
+    }
+
+
+def format_table(result: dict) -> str:
+    lines = [f"binary GEMM, {result['threads']} threads (median of {result['repeats']}; ms)",
+             f"{'N':>7} {'K':>5} {'M':>4} | {'torch f32':>9} {'gemm':>7} {'pack+gemm':>9} | "
+             f"{'x gemm':>6} {'x p+g':>6} exact"]
+    for r in result["gemm"]:
+        lines.append(f"{r['n']:>7} {r['k']:>5} {r['m']:>4} | {r['torch_ms']:>9.2f} "
+                     f"{r['gemm_ms']:>7.3f} {r['pack_gemm_ms']:>9.3f} | "
+                     f"{r['speedup_gemm']:>6.1f} {r['speedup_pack_gemm']:>6.1f} {r['exact']}")
+    if result["conv"]:
+        lines.append("binary conv 3x3 pad 1 (x float32 NCHW -> int32), vs F.conv2d float32")
+        lines.append(f"{'B,Cin,H,W,Cout':>20} | {'torch':>7} {'packed':>7} | {'x':>5} exact")
+        for r in result["conv"]:
+            shape = f"{r['b']},{r['cin']},{r['h']},{r['w']},{r['cout']}"
+            lines.append(f"{shape:>20} | {r['torch_ms']:>7.2f} {r['packed_ms']:>7.3f} | "
+                         f"{r['speedup']:>5.1f} {r['exact']}")
+    return "\n".join(lines)
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """'50176x288x32,12544x1152x128' -> [(50176, 288, 32), (12544, 1152, 128)]"""
+    return [tuple(int(v) for v in s.split("x")) for s in text.split(",") if s]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--shapes", type=parse_shapes, default=DEFAULT_SHAPES, help="NxKxM,...")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--conv", action="store_true", help="also time the default conv layers")
+    p.add_argument("--out", type=Path, help="write the result as JSON here")
+    args = p.parse_args(argv)
+    result = run(args.shapes, args.threads, args.repeats, args.warmup,
+                 DEFAULT_CONVS if args.conv else None)
+    print(format_table(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""CPU backend: numba-compiled, multi-threaded XNOR-popcount kernels on uint64 words.
+
+Layouts (see `pack.py` for the bit convention):
+  activations  (N, K_words) uint64, one packed row per output pixel / sample
+  weights      (K_words, M) uint64, *words-major*: for each activation row the kernel keeps
+               a vector of M counts and its inner loop runs over M, which LLVM vectorises
+               (AVX-512 VPOPCNTDQ where available; the SWAR popcount below becomes popcnt).
+  conv input   packed channels-last (B, H, W, C_words) uint64, bit c % 64 of word c // 64.
+
+Threads: every kernel is a `prange` loop, so `numba.set_num_threads(n)` bounds it.
+Functions accept numpy arrays or CPU torch tensors and return numpy arrays.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit, prange
+
+from bnnprune.kernels.pack import Array, as_numpy, conv_weight_matrix, n_words
+
+ONE = np.uint64(1)
+ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
+ROWS = 4  # activation rows per GEMM block: each weight word loaded once feeds 4 rows
+
+
+@njit(inline="always")
+def popcount64(x):
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return np.int32((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
+
+
+@njit(inline="always")
+def tail_mask(nbits):
+    """Word with the low `nbits` bits set, 1 <= nbits <= 64."""
+    return ALL_ONES >> np.uint64(64 - nbits)
+
+
+# ---------------------------------------------------------------------------- packing
+
+
+@njit(parallel=True, cache=True)
+def _pack_rows(x):
+    n, k = x.shape
+    kw_full = k // 64
+    out = np.zeros((n, (k + 63) // 64), np.uint64)  # (N, K_words)
+    for r in prange(n):
+        row = x[r]
+        for w in range(kw_full):  # fixed trip count of 64: vectorises
+            word = np.uint64(0)
+            for j in range(64):
+                word |= np.uint64(row[w * 64 + j] >= 0) << np.uint64(j)
+            out[r, w] = word
+        word = np.uint64(0)
+        for k_ in range(kw_full * 64, k):
+            word |= np.uint64(row[k_] >= 0) << np.uint64(k_ - kw_full * 64)
+        if k % 64:
+            out[r, kw_full] = word
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _pack_channels_nchw(x):
+    b, c, h, w = x.shape
+    cw = (c + 63) // 64
+    out = np.empty((b, h, w, cw), np.uint64)  # packed channels-last
+    for bh in prange(b * h):
+        bi, hi = bh // h, bh % h
+        acc = np.zeros((cw, w), np.uint64)  # (C_words, W): inner loop over W is contiguous
+        for ci in range(c):
+            word, shift = ci // 64, np.uint64(ci % 64)
+            for wi in range(w):
+                acc[word, wi] |= np.uint64(x[bi, ci, hi, wi] >= 0) << shift
+        for wi in range(w):
+            for word in range(cw):
+                out[bi, hi, wi, word] = acc[word, wi]
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _im2col_packed(xc, c, kh, kw, stride, pad):
+    """Packed channels-last (B, H, W, C_words) -> (B * OH * OW, K_words), K = kh * kw * C.
+
+    Tap t = i * kw + j contributes the pixel's C channel bits at bit offset t * C (all ones
+    outside the image: the pad value is +1), so no bit is wasted between taps. The offset
+    is the same for every output column, so the inner loop runs over output columns."""
+    b, h, w, cw = xc.shape
+    oh = (h + 2 * pad - kh) // stride + 1
+    ow = (w + 2 * pad - kw) // stride + 1
+    kwords = (kh * kw * c + 63) // 64
+    ones = np.full(cw, ALL_ONES)  # the +1 padding pixel
+    ones[cw - 1] = tail_mask(c - 64 * (cw - 1))
+    out = np.zeros((b * oh * ow, kwords), np.uint64)
+    for bo in prange(b * oh):
+        bi, oy = bo // oh, bo % oh
+        rows = out[bo * ow:(bo + 1) * ow]  # (OW, K_words) of this output row
+        for i in range(kh):
+            iy = oy * stride + i - pad
+            row_inside = 0 <= iy < h
+            for j in range(kw):
+                for word in range(cw):
+                    pos = (i * kw + j) * c + 64 * word
+                    q, sh = pos // 64, np.uint64(pos % 64)
+                    spill = pos % 64 + min(64, c - 64 * word) > 64  # straddles two words
+                    for ox in range(ow):
+                        ix = ox * stride + j - pad
+                        inside = row_inside and 0 <= ix < w
+                        v = xc[bi, iy, ix, word] if inside else ones[word]
+                        rows[ox, q] |= v << sh
+                        if spill:
+                            rows[ox, q + 1] |= v >> (np.uint64(64) - sh)
+    return out
+
+
+# ---------------------------------------------------------------------------- GEMM
+
+
+@njit(parallel=True, cache=True)
+def _gemm(a, w, k):
+    n, kwords = a.shape
+    m = w.shape[1]
+    out = np.empty((n, m), np.int32)  # (N, M)
+    for blk in prange((n + ROWS - 1) // ROWS):
+        r0 = blk * ROWS
+        acc = np.zeros((ROWS, m), np.int32)  # mismatch counts of rows r0..r0+3
+        if r0 + ROWS <= n:
+            for q in range(kwords):
+                a0, a1, a2, a3 = a[r0, q], a[r0 + 1, q], a[r0 + 2, q], a[r0 + 3, q]
+                for j in range(m):
+                    wq = w[q, j]
+                    acc[0, j] += popcount64(a0 ^ wq)
+                    acc[1, j] += popcount64(a1 ^ wq)
+                    acc[2, j] += popcount64(a2 ^ wq)
+                    acc[3, j] += popcount64(a3 ^ wq)
+        else:
+            for rr in range(n - r0):
+                for q in range(kwords):
+                    aq = a[r0 + rr, q]
+                    for j in range(m):
+                        acc[rr, j] += popcount64(aq ^ w[q, j])
+        for rr in range(min(ROWS, n - r0)):
+            for j in range(m):
+                out[r0 + rr, j] = k - 2 * acc[rr, j]
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _gemm_sign(a, w, k, s, t):
+    """GEMM + folded BatchNorm/sign: bit j of the output row = (s[j] * acc[j] >= t[j])."""
+    n, kwords = a.shape
+    m = w.shape[1]
+    out = np.zeros((n, (m + 63) // 64), np.uint64)  # (N, M_words) packed channels
+    for r in prange(n):
+        acc = np.zeros(m, np.int32)
+        for q in range(kwords):
+            aq = a[r, q]
+            for j in range(m):
+                acc[j] += popcount64(aq ^ w[q, j])
+        for j in range(m):
+            hit = np.int64(s[j]) * (k - 2 * acc[j]) >= t[j]
+            out[r, j // 64] |= np.uint64(hit) << np.uint64(j % 64)
+    return out
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+class PackedConvWeight(NamedTuple):
+    words: np.ndarray  # (K_words, Cout) uint64, words-major, K in channels-last order
+    in_channels: int
+    kh: int
+    kw: int
+
+
+def pack_rows(x: Array) -> np.ndarray:
+    """(N, K) float/int ±1 (sign rule x >= 0) -> (N, K_words) uint64, compiled and parallel."""
+    return _pack_rows(np.ascontiguousarray(as_numpy(x)))
+
+
+def pack_weight(w: Array) -> np.ndarray:
+    """(M, K) ±1 weight -> (K_words, M) uint64 words-major layout for `binary_gemm`."""
+    return np.ascontiguousarray(pack_rows(w).T)
+
+
+def pack_conv_weight(w: Array) -> PackedConvWeight:
+    """(Cout, Cin, kh, kw) ±1 weight -> words-major packed weight for `binary_conv2d`."""
+    _, cin, kh, kw = as_numpy(w).shape
+    return PackedConvWeight(pack_weight(conv_weight_matrix(w)), cin, kh, kw)
+
+
+def pack_channels(x: Array) -> np.ndarray:
+    """(B, C, H, W) activations (any strides; sign rule x >= 0) -> packed channels-last
+    (B, H, W, C_words) uint64."""
+    x = as_numpy(x)
+    b, c, h, w = x.shape
+    nhwc = x.transpose(0, 2, 3, 1)  # (B, H, W, C)
+    if nhwc.flags.c_contiguous:  # channels-last memory: rows of C are contiguous
+        return _pack_rows(nhwc.reshape(b * h * w, c)).reshape(b, h, w, -1)
+    return _pack_channels_nchw(np.ascontiguousarray(x))
+
+
+def im2col_packed(xc: np.ndarray, in_channels: int, kh: int, kw: int, stride: int = 1,
+                  padding: int = 0) -> np.ndarray:
+    """Packed channels-last (B, H, W, C_words) -> (B * OH * OW, K_words) rows, K = kh*kw*C,
+    padding with +1."""
+    return _im2col_packed(xc, in_channels, kh, kw, stride, padding)
+
+
+def binary_gemm(a_packed: np.ndarray, w_packed: np.ndarray, k: int) -> np.ndarray:
+    """a (N, K_words), w words-major (K_words, M), true length K -> (N, M) int32 dot products."""
+    if a_packed.shape[1] != w_packed.shape[0] or a_packed.shape[1] != n_words(k):
+        raise ValueError(f"word counts differ: a {a_packed.shape}, w {w_packed.shape}, K={k}")
+    return _gemm(np.ascontiguousarray(a_packed), np.ascontiguousarray(w_packed), k)
+
+
+def binary_gemm_sign(a_packed: np.ndarray, w_packed: np.ndarray, k: int, s: Array,
+                     t: Array) -> np.ndarray:
+    """`binary_gemm` with the next BatchNorm + sign folded in (see `reference.fold_bn_sign`):
+    -> (N, M_words) uint64 packed bits, bit j = (s[j] * acc[j] >= t[j]) (1 means +1)."""
+    if a_packed.shape[1] != w_packed.shape[0] or a_packed.shape[1] != n_words(k):
+        raise ValueError(f"word counts differ: a {a_packed.shape}, w {w_packed.shape}, K={k}")
+    s64 = as_numpy(s).astype(np.int64)
+    t64 = as_numpy(t).astype(np.int64)
+    return _gemm_sign(np.ascontiguousarray(a_packed), np.ascontiguousarray(w_packed), k, s64, t64)
+
+
+def binary_conv2d(x: Array, w: Array | PackedConvWeight, stride: int = 1,
+                  padding: int = 0) -> np.ndarray:
+    """Binary conv, sign(x) padded with +1 -> (B, Cout, OH, OW) int32.
+
+    x: (B, Cin, H, W) float/int8 (sign rule x >= 0; NCHW or channels-last strides), or
+       already packed channels-last (B, H, W, Cin_words) uint64.
+    w: (Cout, Cin, kh, kw) ±1 or a `PackedConvWeight` (pack once, reuse).
+    The result has NCHW shape with channels-last strides (a view of the (B, OH, OW, Cout)
+    GEMM output, like torch.channels_last); np.ascontiguousarray makes it NCHW-contiguous."""
+    pw = w if isinstance(w, PackedConvWeight) else pack_conv_weight(w)
+    xn = as_numpy(x)
+    xc = xn if xn.dtype == np.uint64 else pack_channels(xn)  # (B, H, W, Cin_words)
+    if xc.shape[3] != n_words(pw.in_channels):
+        raise ValueError(f"input has {xc.shape[3]} channel words, weight Cin={pw.in_channels}")
+    b, h, wd, _ = xc.shape
+    oh = (h + 2 * padding - pw.kh) // stride + 1
+    ow = (wd + 2 * padding - pw.kw) // stride + 1
+    cols = _im2col_packed(xc, pw.in_channels, pw.kh, pw.kw, stride, padding)  # (B*OH*OW, Kw)
+    out = binary_gemm(cols, pw.words, pw.kh * pw.kw * pw.in_channels)  # (B*OH*OW, Cout)
+    return out.reshape(b, oh, ow, -1).transpose(0, 3, 1, 2)  # (B, Cout, OH, OW)

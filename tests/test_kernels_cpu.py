@@ -1,0 +1,149 @@
+"""CPU (numba) binary kernels: exact against the plain torch reference."""
+
+import platform
+
+import numba
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bnnprune.binary import BinaryConv2d
+from bnnprune.kernels import cpu
+from bnnprune.kernels import reference as ref
+from bnnprune.kernels.pack import conv_weight_matrix, n_words, pack_pm1, unpack_pm1
+
+GEMM_SHAPES = [  # (N, K, M): ragged K, K = 1, N = 1, M = 1, K = 64 and 128 exactly
+    (1, 1, 1), (1, 64, 1), (3, 1, 5), (5, 31, 3), (7, 33, 1), (1, 65, 4), (6, 64, 7),
+    (9, 128, 3), (17, 127, 33), (10, 129, 70), (33, 300, 16),
+]
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def pm1(*shape, seed=0):
+    return torch.where(rand(*shape, seed=seed) >= 0, 1.0, -1.0)
+
+
+@pytest.mark.parametrize("k", [1, 31, 33, 63, 64, 65, 128, 200])
+@pytest.mark.parametrize("word_bits", [32, 64])
+def test_pack_roundtrip(k, word_bits):
+    x = pm1(5, k, seed=k)
+    words = pack_pm1(x, word_bits)
+    assert words.shape == (5, n_words(k, word_bits))
+    assert words.dtype == (np.uint64 if word_bits == 64 else np.uint32)
+    assert (torch.from_numpy(unpack_pm1(words, k)).float() == x).all()
+    tail = k % word_bits
+    if tail:  # padded bits are zero
+        assert (words[:, -1] >> np.array(tail, words.dtype) == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int8])
+@pytest.mark.parametrize("k", [1, 33, 64, 130])
+def test_pack_rows_matches_numpy_packing(dtype, k):
+    x = rand(9, k, seed=k)
+    x = torch.where(x >= 0, 1, -1).to(dtype) if dtype == torch.int8 else x.to(dtype)
+    x[0, 0] = 0  # zero is +1
+    assert (cpu.pack_rows(x) == pack_pm1(x)).all()
+    assert cpu.pack_rows(x)[0, 0] & np.uint64(1) == 1
+
+
+@pytest.mark.parametrize("n,k,m", GEMM_SHAPES)
+def test_gemm_exact(n, k, m):
+    a, w = rand(n, k, seed=1), rand(m, k, seed=2)
+    got = cpu.binary_gemm(cpu.pack_rows(a), cpu.pack_weight(w), k)
+    assert got.dtype == np.int32 and got.shape == (n, m)
+    assert (torch.from_numpy(got) == ref.binary_gemm_ref(a, w)).all()
+    assert (got == ref.packed_dot_ref(pack_pm1(a), pack_pm1(w), k)).all()
+
+
+def test_padding_invariance():
+    """Extra zero words in both operands, or extra trailing -1/+1 pairs, never change a dot."""
+    k = 70
+    a, w = pm1(11, k, seed=3), pm1(6, k, seed=4)
+    ap, wp = cpu.pack_rows(a), cpu.pack_weight(w)
+    base = cpu.binary_gemm(ap, wp, k)
+    a_wide = np.concatenate([ap, np.zeros((11, 2), np.uint64)], axis=1)
+    w_wide = np.concatenate([wp, np.zeros((2, 6), np.uint64)], axis=0)
+    assert (cpu._gemm(a_wide, w_wide, k) == base).all()
+    # appending equal values to both (here +1) adds exactly the number of appended columns
+    a2, w2 = F.pad(a, (0, 5), value=1.0), F.pad(w, (0, 5), value=1.0)
+    assert (cpu.binary_gemm(cpu.pack_rows(a2), cpu.pack_weight(w2), k + 5) == base + 5).all()
+
+
+def test_gemm_rejects_wrong_k():
+    with pytest.raises(ValueError):
+        cpu.binary_gemm(cpu.pack_rows(pm1(2, 70)), cpu.pack_weight(pm1(3, 70)), 200)
+
+
+def test_gemm_sign_matches_folded_bn():
+    n, k, m = 37, 75, 67
+    a, w = rand(n, k, seed=5), rand(m, k, seed=6)
+    gamma = rand(m, seed=7)
+    gamma[:3] = 0.0  # constant channels
+    beta, mean, var = rand(m, seed=8), rand(m, seed=9) * 5, rand(m, seed=10).abs() + 0.1
+    s, t = ref.fold_bn_sign(gamma, beta, mean, var)
+    acc = ref.binary_gemm_ref(a, w)
+    want = ref.threshold_sign_ref(acc, s, t)
+    assert (want == ref.bn_sign_ref(acc, gamma, beta, mean, var)).all()
+    bits = cpu.binary_gemm_sign(cpu.pack_rows(a), cpu.pack_weight(w), k, s, t)
+    assert bits.shape == (n, n_words(m))
+    assert (torch.from_numpy(unpack_pm1(bits, m)) == want).all()
+
+
+def test_conv_reference_matches_binary_conv2d_layer():
+    layer = BinaryConv2d(3, 4, 3, stride=2, padding=1)
+    x = rand(2, 3, 9, 8, seed=11)
+    with torch.no_grad():
+        want = layer(x).round().to(torch.int32)
+    assert (ref.binary_conv2d_ref(x, layer.weight, 2, 1) == want).all()
+
+
+CONV_CASES = [  # (B, Cin, H, W, Cout, k, stride, padding)
+    (2, 3, 9, 8, 4, 3, 1, 1), (2, 3, 9, 8, 4, 3, 2, 0), (2, 5, 9, 9, 3, 3, 2, 1),
+    (1, 1, 7, 7, 1, 5, 1, 2), (2, 2, 11, 10, 3, 5, 2, 2), (1, 7, 5, 6, 2, 1, 1, 0),
+    (1, 7, 5, 6, 2, 1, 2, 1), (2, 32, 6, 6, 5, 3, 1, 1), (1, 64, 5, 5, 3, 3, 2, 1),
+    (1, 70, 6, 5, 66, 3, 1, 1), (1, 130, 4, 4, 2, 3, 1, 2), (1, 3, 3, 3, 2, 5, 1, 2),
+]
+
+
+@pytest.mark.parametrize("b,cin,h,w,cout,k,stride,pad", CONV_CASES)
+def test_conv_exact(b, cin, h, w, cout, k, stride, pad):
+    x, wt = rand(b, cin, h, w, seed=12), rand(cout, cin, k, k, seed=13)
+    want = ref.binary_conv2d_ref(x, wt, stride, pad)
+    got = cpu.binary_conv2d(x, wt, stride, pad)
+    assert got.dtype == np.int32 and got.shape == tuple(want.shape)
+    assert (torch.from_numpy(np.ascontiguousarray(got)) == want).all()
+
+
+@pytest.mark.parametrize("b,cin,h,w,cout,k,stride,pad", CONV_CASES[::3])
+def test_conv_input_forms(b, cin, h, w, cout, k, stride, pad):
+    """int8 ±1, channels-last float and pre-packed channel words give the same result."""
+    x, wt = rand(b, cin, h, w, seed=14), rand(cout, cin, k, k, seed=15)
+    want = ref.binary_conv2d_ref(x, wt, stride, pad).numpy()
+    pw = cpu.pack_conv_weight(wt)
+    x_i8 = torch.where(x >= 0, 1, -1).to(torch.int8)
+    for xin in (x_i8, x.to(memory_format=torch.channels_last), cpu.pack_channels(x)):
+        assert (cpu.binary_conv2d(xin, pw, stride, pad) == want).all()
+
+
+def test_conv_packing_layout():
+    x, wt = rand(2, 70, 4, 3, seed=16), rand(3, 70, 3, 3, seed=17)
+    xc = cpu.pack_channels(x)  # (B, H, W, C_words)
+    assert (xc == pack_pm1(x.permute(0, 2, 3, 1))).all()
+    cols = cpu.im2col_packed(xc, 70, 3, 3, 1, 1)  # (B * OH * OW, K_words)
+    xp = F.pad(torch.where(x >= 0, 1.0, -1.0), (1,) * 4, value=1.0)
+    unfold = F.unfold(xp, 3).reshape(2, 70, 9, -1).permute(0, 3, 2, 1).reshape(2 * 12, -1)
+    assert (cols == pack_pm1(unfold)).all()  # channels-last K order (tap, channel)
+    assert (pack_pm1(conv_weight_matrix(wt)) == cpu.pack_conv_weight(wt).words.T).all()
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 only")
+def test_swar_popcount_compiles_to_popcnt():
+    """LLVM turns the SWAR bit count into the hardware instruction (vpopcntq with AVX-512)."""
+    gemm = numba.njit(parallel=True)(cpu._gemm.py_func)  # uncached copy: cached code has no asm
+    gemm(np.zeros((8, 2), np.uint64), np.zeros((2, 3), np.uint64), 100)
+    asm = "".join(gemm.inspect_asm().values())
+    assert "popcnt" in asm
