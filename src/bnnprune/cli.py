@@ -8,12 +8,18 @@ from collections.abc import Callable
 
 from bnnprune.config import ConfigError
 from bnnprune.data import DataError
+from bnnprune.export import ExportError
 from bnnprune.flips import FlipsError
+from bnnprune.gate import GateError
 from bnnprune.models import CheckpointError
+from bnnprune.prune import PruneError
+from bnnprune.report import ReportError
 from bnnprune.tracking import TrackingError
 from bnnprune.train import TrainingError
 
-USER_ERRORS = (ConfigError, DataError, FlipsError, CheckpointError, TrackingError, TrainingError)
+USER_ERRORS = (ConfigError, DataError, FlipsError, CheckpointError, PruneError, TrackingError,
+               TrainingError)
+USER_ERRORS += (ExportError, GateError, ReportError)
 
 
 def run_stage(main: Callable[[], object]) -> None:
@@ -33,11 +39,46 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--batch-size", type=int, default=128)
     bench.add_argument("--threads", type=int, default=2)
     bench.add_argument("--repeats", type=int, default=5)
+    check = sub.add_parser("check", help="regression gate: reports/summary.json against the "
+                           "gate params; exit 1 with a table of what regressed")
+    check.add_argument("--summary", default="reports/summary.json")
+    check.add_argument("--params", default="params.yaml")
+    compare = sub.add_parser("compare", help="table of the MLflow summary runs (one per "
+                             "pipeline execution): differing params and headline metrics")
+    compare.add_argument("--max-runs", type=int, default=20)
+    compare.add_argument("--all-params", action="store_true", help="show every param")
+    verify = sub.add_parser("verify-onnx", help="check that an .onnx file is a client model "
+                            "(input 'images' [batch, C, H, W] float32, output 'logits')")
+    verify.add_argument("path")
+    verify.add_argument("--card", default="data/prepared/card.json",
+                        help="dataset card for the expected shapes ('' to skip)")
     args = parser.parse_args(argv)
+    if args.command == "check":
+        from bnnprune.gate import run as gate
+
+        run_stage(lambda: sys.exit(gate(args.summary, args.params)))
+    elif args.command == "compare":
+        from bnnprune.report import compare as compare_runs
+
+        run_stage(lambda: print(compare_runs(args.max_runs, args.all_params)))
+    elif args.command == "verify-onnx":
+        run_stage(lambda: verify_onnx(args.path, args.card))
     if args.command == "bench-flips":
         from bnnprune.bench_flips import main as bench_flips
 
         bench_flips(args.steps, args.batch_size, args.threads, args.repeats)
+
+
+def verify_onnx(path: str, card_path: str) -> None:
+    from pathlib import Path
+
+    from bnnprune.export import verify
+    from bnnprune.files import load_json
+
+    card = load_json(card_path) if card_path and Path(card_path).is_file() else None
+    model = verify(path, card)
+    print(f"{path}: OK, a client model (opset {model.opset_import[0].version}, "
+          f"{len(model.graph.node)} nodes)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,50 @@
+"""finetune: retrain the pruned model (its surviving latent weights) with the finetune group."""
+
+import time
+
+from bnnprune.cli import run_stage
+from bnnprune.config import load_params
+from bnnprune.data import load_prepared
+from bnnprune.files import save_csv, save_json
+from bnnprune.models import load_checkpoint, save_checkpoint
+from bnnprune.prune import finetune
+from bnnprune.tracking import log_artifacts, log_metrics, stage_run
+from bnnprune.train import fingerprint, finish_resume
+
+PRUNED, OUT = "models/pruned.pt", "models/finetuned.pt"
+METRICS, PLOT = "reports/metrics/finetune.json", "reports/plots/finetune_history.csv"
+RESUME = ".bnnprune/resume/finetune.pt"
+
+
+def main() -> None:
+    params = load_params()
+    cfg = params.finetune
+    model, ckpt = load_checkpoint(PRUNED, arch=params.model.arch)
+    splits, card = load_prepared("data/prepared")
+    pruned = ckpt["meta"]["prune"]
+    groups = {"finetune": cfg}
+    with stage_run("finetune", groups, fingerprint(groups, ckpt["config"], pruned)):
+        start = time.perf_counter()
+        result, metrics = finetune(model, splits, card, cfg, pruned["baseline_test_acc"],
+                                   RESUME, desc="finetune")
+        seconds = time.perf_counter() - start
+        metrics = {"criterion": pruned["criterion"], **metrics,
+                   "bops_reduction_pct": pruned["total"]["bops_reduction_pct"],
+                   "ops_reduction_pct": pruned["total"]["ops_reduction_pct"],
+                   "size_reduction_pct": pruned["total"]["size_bits_reduction_pct"],
+                   "test_acc_before_finetune": pruned["test_acc"]}
+        save_checkpoint(OUT, model, metrics=metrics, prune=pruned, history=result.history,
+                        baseline=ckpt["meta"].get("baseline", {}))
+        save_json(METRICS, metrics)
+        save_csv(PLOT, result.history)
+        log_metrics({**{k: v for k, v in metrics.items() if k != "criterion"},
+                     "finetune_seconds": seconds, "resumed_from_epoch": result.resumed_from_epoch})
+        log_artifacts(METRICS, PLOT)
+        finish_resume(RESUME)
+    print(f"finetune: test_acc {metrics['test_acc']:.4f} (baseline "
+          f"{metrics['baseline_test_acc']:.4f}, drop {metrics['acc_drop_pt']:+.2f} pt) at "
+          f"-{metrics['bops_reduction_pct']:.1f}% BOPs in {seconds:.0f}s")
+
+
+if __name__ == "__main__":
+    run_stage(main)
