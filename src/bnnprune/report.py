@@ -1,0 +1,437 @@
+"""The pipeline's report: reports/summary.json + summary.md + PNG plots, an MLflow summary run
+that links the stage runs, and `bnnprune compare` over those summary runs.
+
+Units: accuracies are fractions in [0, 1]; reductions are % (100 * (before - after) / before);
+accuracy drops are percentage points (100 * (baseline - pruned)); speedups are ratios of
+latencies (baseline / pruned; > 1 means the pruned model is faster).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+from bnnprune.config import Params
+from bnnprune.files import load_json, save_csv, save_json, write_atomic
+from bnnprune.models import load_checkpoint
+from bnnprune.ops import count_ops, reduction_pct
+
+SUMMARY_JSON, SUMMARY_MD = "reports/summary.json", "reports/summary.md"
+PLOTS = {"flip_ratio": "reports/plots/flip_ratio.png", "channels": "reports/plots/channels.png",
+         "criteria": "reports/plots/criteria.png", "latency": "reports/plots/latency.png"}
+CRITERIA_CSV, LATENCY_CSV = "reports/plots/criteria.csv", "reports/plots/latency.csv"
+SUMMARY_TAG = "bnnprune.summary"  # tag of the one summary run per pipeline execution
+LINK_TAG = "bnnprune.stage_run."  # + stage name: run id of the stage run the summary covers
+STAGES = ("prepare", "train", "prune", "finetune", "compare", "benchmark", "export")
+
+# input name -> (path, the DVC stage that writes it)
+INPUTS = {
+    "card": ("data/prepared/card.json", "prepare"),
+    "train": ("reports/metrics/train.json", "train"),
+    "flip_ratio": ("reports/plots/flip_ratio.csv", "train"),
+    "baseline_model": ("models/baseline.pt", "train"),
+    "prune": ("reports/metrics/prune.json", "prune"),
+    "finetune": ("reports/metrics/finetune.json", "finetune"),
+    "pruned_model": ("models/finetuned.pt", "finetune"),
+    "benchmark": ("reports/metrics/benchmark.json", "benchmark"),
+    "export": ("reports/metrics/export.json", "export"),
+}
+COMPARE_DIR = ("reports/metrics/compare", "compare")
+
+
+class ReportError(ValueError):
+    """A missing or malformed input of the report stage."""
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+def _missing(path: Path, stage: str) -> ReportError:
+    return ReportError(f"{path}: report input not found; it is written by the {stage!r} stage "
+                       f"(run `dvc repro {stage}`, or `dvc repro` for the whole pipeline)")
+
+
+def read_csv(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def load_inputs(params: Params, root: str | Path = ".") -> dict[str, Any]:
+    """Every input file, loaded; a ReportError names the first missing one and its stage."""
+    root = Path(root)
+    out: dict[str, Any] = {}
+    for name, (rel, stage) in INPUTS.items():
+        path = root / rel
+        if not path.is_file():
+            raise _missing(path, stage)
+        try:
+            if path.suffix == ".json":
+                out[name] = load_json(path)
+            elif path.suffix == ".csv":
+                out[name] = read_csv(path)
+            else:
+                out[name] = load_checkpoint(path)[0].config
+        except ReportError:
+            raise
+        except Exception as e:
+            raise ReportError(f"{path}: cannot read report input ({type(e).__name__}: {e})") \
+                from e
+    out["compare"] = {}
+    for criterion in params.prune.compare:
+        if criterion == params.prune.criterion:
+            continue
+        path = root / COMPARE_DIR[0] / f"{criterion}.json"
+        if not path.is_file():
+            raise _missing(path, COMPARE_DIR[1])
+        out["compare"][criterion] = load_json(path)
+    return out
+
+
+def _get(d: dict, key: str, source: str) -> Any:
+    if key not in d:
+        raise ReportError(f"{source}: key {key!r} missing (keys: {', '.join(map(str, d))})")
+    return d[key]
+
+
+# ---- summary ---------------------------------------------------------------------------------
+
+def model_costs(config: dict, test_acc: float) -> dict[str, float]:
+    total = count_ops(config)["total"]
+    return {"test_acc": test_acc, "bops": total["bops"], "flops": total["flops"],
+            "ops": total["ops"], "size_bytes": total["size_bytes"]}
+
+
+def speedups(benchmark: dict, export: dict) -> tuple[dict, dict, list[dict]]:
+    """Per backend: speedup pruned vs baseline (None when the backend did not run), the
+    reason for each None, and latency rows {backend, baseline_ms, pruned_ms} for the plot."""
+    speedup: dict[str, float | None] = {}
+    unavailable: dict[str, str] = {}
+    rows: list[dict[str, Any]] = []
+    src = INPUTS["benchmark"][0]
+    for backend, r in _get(benchmark, "backends", src).items():
+        if r.get("speedup") is None:
+            speedup[backend] = None
+            unavailable[backend] = r.get("reason") or r.get("skipped") or "did not run"
+            continue
+        speedup[backend] = float(r["speedup"])
+        rows.append({"backend": backend, "baseline_ms": r["baseline_ms"],
+                     "pruned_ms": r["pruned_ms"]})
+    models = _get(export, "models", INPUTS["export"][0])
+    batch = max(models["pruned"]["latency_ms"], key=lambda k: int(k.split("_")[-1]))
+    speedup["onnxruntime"] = _get(export, "speedup", INPUTS["export"][0])[batch]
+    rows.append({"backend": "onnxruntime", "baseline_ms": models["baseline"]["latency_ms"][batch],
+                 "pruned_ms": models["pruned"]["latency_ms"][batch]})
+    return speedup, unavailable, rows
+
+
+def criteria_results(inputs: dict[str, Any], params: Params) -> dict[str, dict[str, float]]:
+    """Per criterion: BOP reduction, test accuracy and drop after the same fine-tuning."""
+    ft = inputs["finetune"]
+    out = {params.prune.criterion: {
+        "bops_pct": _get(ft, "bops_reduction_pct", INPUTS["finetune"][0]),
+        "test_acc": _get(ft, "test_acc", INPUTS["finetune"][0]),
+        "acc_drop_pt": _get(ft, "acc_drop_pt", INPUTS["finetune"][0])}}
+    for criterion, r in inputs["compare"].items():
+        src = f"{COMPARE_DIR[0]}/{criterion}.json"
+        out[criterion] = {"bops_pct": _get(r, "bops_reduction_pct", src),
+                          "test_acc": _get(r, "test_acc", src),
+                          "acc_drop_pt": _get(r, "acc_drop_pt", src)}
+    return out
+
+
+def winner(criteria: dict[str, dict[str, float]], n_test: int) -> dict[str, Any]:
+    """The criterion with the highest test accuracy (ties broken by the larger BOP reduction),
+    its margin over the runner-up in points and the accuracy's binomial standard error."""
+    ranked = sorted(criteria, key=lambda c: (criteria[c]["test_acc"], criteria[c]["bops_pct"]),
+                    reverse=True)
+    best = ranked[0]
+    acc = criteria[best]["test_acc"]
+    result = {"criterion": best, "runner_up": ranked[1] if len(ranked) > 1 else None,
+              "margin_pt": None,
+              "std_error_pt": 100 * math.sqrt(acc * (1 - acc) / n_test) if n_test else None}
+    if len(ranked) > 1:
+        result["margin_pt"] = 100 * (acc - criteria[ranked[1]]["test_acc"])
+        if result["margin_pt"] == 0 and criteria[best]["bops_pct"] == criteria[ranked[1]][
+                "bops_pct"]:
+            result["criterion"] = None  # a tie
+    return result
+
+
+def build_summary(inputs: dict[str, Any], params: Params) -> dict[str, Any]:
+    card, prune = inputs["card"], inputs["prune"]
+    base_acc = _get(inputs["train"], "test_acc", INPUTS["train"][0])
+    pruned_acc = _get(inputs["finetune"], "test_acc", INPUTS["finetune"][0])
+    baseline = model_costs(inputs["baseline_model"], base_acc)
+    pruned = model_costs(inputs["pruned_model"], pruned_acc)
+    speedup, unavailable, _ = speedups(inputs["benchmark"], inputs["export"])
+    criteria = criteria_results(inputs, params)
+    layers = [{"layer": name, "p_l": r.get("p"), "channels_before": r["channels_before"],
+               "channels_after": r["channels_after"], "bops_before": r["bops_before"],
+               "bops_after": r["bops_after"]}
+              for name, r in _get(prune, "layers", INPUTS["prune"][0]).items()]
+    parity = {name: m["parity"] for name, m in inputs["export"]["models"].items()}
+    return {
+        "dataset": card["dataset"],
+        "model": {"arch": inputs["baseline_model"]["arch"],
+                  "width": inputs["baseline_model"].get("width"),
+                  "criterion": params.prune.criterion, "tau": params.prune.tau},
+        "baseline": baseline,
+        "pruned": pruned,
+        "reduction": {"bops_pct": reduction_pct(baseline["bops"], pruned["bops"]),
+                      "ops_pct": reduction_pct(baseline["ops"], pruned["ops"]),
+                      "size_pct": reduction_pct(baseline["size_bytes"], pruned["size_bytes"])},
+        "acc_drop_pt": 100 * (base_acc - pruned_acc),
+        "speedup": speedup,
+        "speedup_unavailable": unavailable,
+        "bnn_vs_float": bnn_vs_float(inputs["benchmark"]),
+        "criteria": criteria,
+        "criteria_winner": winner(criteria, card["sizes"]["test"]),
+        "layers": layers,
+        "onnx_parity": {name: {k: p[k] for k in ("images", "prediction_mismatches",
+                                                 "max_abs_logit_diff", "passed")}
+                        for name, p in parity.items()},
+    }
+
+
+def bnn_vs_float(benchmark: dict) -> dict[str, Any]:
+    """Packed CPU engine vs torch float32 on the same (pruned) model."""
+    r = _get(benchmark, "bnn_vs_float", INPUTS["benchmark"][0])
+    return {"speedup": r.get("speedup"), "packed_ms": r.get("packed_ms"),
+            "float_ms": r.get("float_ms")}
+
+
+# ---- markdown and plots ----------------------------------------------------------------------
+
+def _fmt(v: Any, spec: str = ",.0f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def markdown(s: dict[str, Any]) -> str:
+    b, p, red = s["baseline"], s["pruned"], s["reduction"]
+    m = s["model"]
+    w = s["criteria_winner"]
+    lines = [f"# bnnprune report: {m['arch']} (width {m['width']}) on {s['dataset']}", ""]
+    if w["criterion"] is None:
+        lines.append(f"**Pruning criteria tied** on the measured runs "
+                     f"({', '.join(s['criteria'])}).")
+    else:
+        margin = (f" by {w['margin_pt']:.2f} pt over `{w['runner_up']}`"
+                  if w["runner_up"] else "")
+        lines.append(f"**Winning pruning criterion on the measured runs: `{w['criterion']}`**"
+                     f" (highest test accuracy after the same fine-tuning{margin}; one run per "
+                     f"criterion, standard error of a test accuracy ~{w['std_error_pt']:.2f} pt"
+                     f", so a margin below ~{2 * w['std_error_pt']:.1f} pt is within noise).")
+    lines += ["", "## Baseline vs pruned", "",
+              "| | test acc | BOPs | FLOPs (MACs) | OPs | size (bytes) |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for name, r in (("baseline", b), (f"pruned ({m['criterion']}, tau {m['tau']:g})", p)):
+        lines.append(f"| {name} | {r['test_acc']:.4f} | {r['bops']:,.0f} | {r['flops']:,.0f} | "
+                     f"{r['ops']:,.0f} | {r['size_bytes']:,.0f} |")
+    lines.append(f"| reduction | {-s['acc_drop_pt']:+.2f} pt | {red['bops_pct']:.1f}% | | "
+                 f"{red['ops_pct']:.1f}% | {red['size_pct']:.1f}% |")
+    lines += ["", "## Per binary layer", "",
+              "| layer | channels before | channels after | p_l | BOPs before | BOPs after |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for r in s["layers"]:
+        lines.append(f"| {r['layer']} | {r['channels_before']} | {r['channels_after']} | "
+                     f"{_fmt(r['p_l'], '.3f')} | {r['bops_before']:,} | {r['bops_after']:,} |")
+    lines += ["", "## Speedup, pruned vs baseline", "", "| backend | speedup | note |",
+              "|---|---:|---|"]
+    for backend, v in s["speedup"].items():
+        note = s["speedup_unavailable"].get(backend, "")
+        lines.append(f"| {backend} | {_fmt(v, '.2f')}{'x' if v is not None else ''} | {note} |")
+    bf = s["bnn_vs_float"]
+    lines += ["", f"Packed CPU engine vs torch float32 on the same model: "
+              f"{_fmt(bf['speedup'], '.2f')}x.", "", "## Pruning criteria", "",
+              "| criterion | BOP reduction | test acc | acc drop |", "|---|---:|---:|---:|"]
+    for c, r in s["criteria"].items():
+        lines.append(f"| {c}{' (winner)' if c == w['criterion'] else ''} | "
+                     f"{r['bops_pct']:.1f}% | {r['test_acc']:.4f} | {r['acc_drop_pt']:+.2f} pt |")
+    lines += ["", "## ONNX (onnxruntime vs torch)", ""]
+    for name, r in s["onnx_parity"].items():
+        lines.append(f"- {name}: {r['prediction_mismatches']} of {r['images']} predictions "
+                     f"differ, max |logit diff| {r['max_abs_logit_diff']:.2e} "
+                     f"({'passed' if r['passed'] else 'FAILED'})")
+    lines += ["", "## Plots", ""] + [f"![{k}](plots/{Path(v).name})" for k, v in PLOTS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _save_fig(fig: Any, path: str | Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100,
+                                             metadata={"Software": None}))
+    plt.close(fig)
+
+
+def plot_all(s: dict[str, Any], flip_ratio: list[dict[str, float]],
+             latency_rows: list[dict[str, Any]], root: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [r["epoch"] for r in flip_ratio]
+    for layer in [k for k in flip_ratio[0] if k != "epoch"]:
+        ax.plot(epochs, [r[layer] for r in flip_ratio], marker="o", label=layer)
+    ax.set(xlabel="epoch", ylabel="flip ratio per observation", yscale="log",
+           title="Weight sign flips per layer during training")
+    ax.legend(fontsize=8)
+    _save_fig(fig, root / PLOTS["flip_ratio"])
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = [r["layer"] for r in s["layers"]]
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [r["channels_before"] for r in s["layers"]], 0.4,
+           label="before")
+    ax.bar([i + 0.2 for i in x], [r["channels_after"] for r in s["layers"]], 0.4, label="after")
+    ax.set_xticks(list(x), names)
+    ax.set(ylabel="output channels", title="Channels per binary layer")
+    ax.legend()
+    _save_fig(fig, root / PLOTS["channels"])
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c, r in s["criteria"].items():
+        ax.scatter(r["bops_pct"], r["test_acc"], s=60)
+        ax.annotate(c, (r["bops_pct"], r["test_acc"]), textcoords="offset points",
+                    xytext=(5, 5))
+    ax.axhline(s["baseline"]["test_acc"], color="grey", linestyle="--", label="baseline")
+    ax.set(xlabel="BOP reduction (%)", ylabel="test accuracy",
+           title="Accuracy vs BOP reduction per criterion")
+    ax.legend()
+    _save_fig(fig, root / PLOTS["criteria"])
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = range(len(latency_rows))
+    ax.bar([i - 0.2 for i in x], [r["baseline_ms"] for r in latency_rows], 0.4,
+           label="baseline")
+    ax.bar([i + 0.2 for i in x], [r["pruned_ms"] for r in latency_rows], 0.4, label="pruned")
+    ax.set_xticks(list(x), [r["backend"] for r in latency_rows])
+    ax.set(ylabel="latency (ms per batch)", yscale="log", title="Latency per backend")
+    ax.legend()
+    _save_fig(fig, root / PLOTS["latency"])
+
+
+def write_report(params: Params, root: str | Path = ".",
+                 inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read every stage's outputs under `root` (unless given as `inputs`); write summary.json/
+    .md, the PNGs and their CSV data (for `dvc plots`). Returns the summary."""
+    root = Path(root)
+    inputs = inputs if inputs is not None else load_inputs(params, root)
+    summary = build_summary(inputs, params)
+    _, _, latency_rows = speedups(inputs["benchmark"], inputs["export"])
+    save_json(root / SUMMARY_JSON, summary)
+    write_atomic(root / SUMMARY_MD, lambda p: p.write_text(markdown(summary)))
+    save_csv(root / CRITERIA_CSV, [{"criterion": c, **r} for c, r in summary["criteria"].items()])
+    save_csv(root / LATENCY_CSV, [{"backend": r["backend"], "model": m, "ms": r[f"{m}_ms"]}
+                                  for r in latency_rows for m in ("baseline", "pruned")])
+    plot_all(summary, inputs["flip_ratio"], latency_rows, root)
+    return summary
+
+
+# ---- MLflow: the summary run and `bnnprune compare` ------------------------------------------
+
+def headline_metrics(s: dict[str, Any]) -> dict[str, float]:
+    out = {"baseline_test_acc": s["baseline"]["test_acc"], "pruned_test_acc": s["pruned"][
+        "test_acc"], "acc_drop_pt": s["acc_drop_pt"],
+        **{f"{k.removesuffix('_pct')}_reduction_pct": v for k, v in s["reduction"].items()},
+        "baseline_bops": s["baseline"]["bops"], "pruned_bops": s["pruned"]["bops"],
+        "pruned_size_bytes": s["pruned"]["size_bytes"]}
+    out.update({f"speedup_{k}": v for k, v in s["speedup"].items() if v is not None})
+    if s["bnn_vs_float"]["speedup"] is not None:
+        out["bnn_vs_float_speedup"] = s["bnn_vs_float"]["speedup"]
+    for c, r in s["criteria"].items():
+        out.update({f"criteria/{c}/{k}": v for k, v in r.items()})
+    return out
+
+
+def link_stage_runs(run: Any) -> dict[str, str]:
+    """Tag the summary run with the latest finished run of every stage of the same git commit
+    (and DVC experiment, when set); adopt those that have no parent yet as child runs, so the
+    MLflow UI shows one row per pipeline execution."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    tags = run.data.tags
+    clauses = [f"tags.git_commit = '{tags.get('git_commit', 'unknown')}'",
+               "attributes.status = 'FINISHED'"]
+    if tags.get("dvc_exp_name"):
+        clauses.append(f"tags.dvc_exp_name = '{tags['dvc_exp_name']}'")
+    links = {}
+    for stage in STAGES:
+        found = client.search_runs([run.info.experiment_id],
+                                   " and ".join(clauses + [f"tags.stage = '{stage}'"]),
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        if not found:
+            continue
+        stage_run = found[0]
+        links[stage] = stage_run.info.run_id
+        client.set_tag(run.info.run_id, LINK_TAG + stage, stage_run.info.run_id)
+        if "mlflow.parentRunId" not in stage_run.data.tags:
+            client.set_tag(stage_run.info.run_id, "mlflow.parentRunId", run.info.run_id)
+    return links
+
+
+def log_summary_run(summary: dict[str, Any], root: str | Path = ".") -> dict[str, str]:
+    """Inside the report stage's MLflow run: mark it as the summary run, log the headline
+    metrics and artifacts, link the stage runs."""
+    import mlflow
+
+    from bnnprune.tracking import log_artifacts, log_metrics
+
+    run = mlflow.active_run()
+    if run is None:
+        return {}
+    mlflow.set_tags({SUMMARY_TAG: "true", "dataset": summary["dataset"],
+                     "criteria_winner": str(summary["criteria_winner"]["criterion"])})
+    log_metrics(headline_metrics(summary))
+    root = Path(root)
+    log_artifacts(root / SUMMARY_JSON, root / SUMMARY_MD, *(root / p for p in PLOTS.values()))
+    return link_stage_runs(mlflow.get_run(run.info.run_id))
+
+
+COMPARE_METRICS = {"pruned_test_acc": "test_acc", "acc_drop_pt": "drop_pt",
+                   "bops_reduction_pct": "BOPs-%", "ops_reduction_pct": "OPs-%",
+                   "speedup_cpu": "x cpu", "speedup_onnxruntime": "x ort"}
+
+
+def compare_table(runs: Any, all_params: bool = False) -> str:
+    """A text table of summary runs (a `mlflow.search_runs` DataFrame): the params that differ
+    between them (or all with `all_params`) and the headline metrics, newest first."""
+    if runs.empty:
+        return "no summary runs yet: run the pipeline (dvc repro) with MLflow tracking on"
+    param_cols = [c for c in runs.columns if c.startswith("params.")]
+    if not all_params:
+        param_cols = [c for c in param_cols if runs[c].astype(str).nunique() > 1]
+    header = ["run", "started", "experiment", "commit"] + [c.removeprefix("params.")
+                                                            for c in param_cols]
+    header += list(COMPARE_METRICS.values())
+    rows = [header]
+    for _, r in runs.iterrows():
+        row = [r["run_id"][:8], r["start_time"].strftime("%Y-%m-%d %H:%M"),
+               str(r.get("tags.dvc_exp_name") or "-"), str(r.get("tags.git_commit") or "")[:7]]
+        row += [str(r[c]) for c in param_cols]
+        for m in COMPARE_METRICS:
+            v = r.get(f"metrics.{m}")
+            row.append("-" if v is None or v != v else f"{v:.4g}")
+        rows.append(row)
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def compare(max_runs: int = 20, all_params: bool = False) -> str:
+    import mlflow
+
+    from bnnprune.tracking import EXPERIMENT, ensure_experiment
+
+    ensure_experiment()
+    runs = mlflow.search_runs(experiment_names=[EXPERIMENT],
+                              filter_string=f"tags.`{SUMMARY_TAG}` = 'true'",
+                              order_by=["attributes.start_time DESC"], max_results=max_runs)
+    return compare_table(runs, all_params)

@@ -1,0 +1,41 @@
+"""export: baseline and pruned fine-tuned model -> ONNX; parity with torch and latency in
+onnxruntime on the test set; the pruned model is logged to MLflow."""
+
+from bnnprune.cli import run_stage
+from bnnprune.config import flat_dict, load_params
+from bnnprune.data import load_prepared, sha256
+from bnnprune.export import export_and_check, log_onnx_model, require_parity
+from bnnprune.files import save_json
+from bnnprune.models import load_checkpoint
+from bnnprune.tracking import log_artifacts, log_metrics, stage_run
+from bnnprune.train import fingerprint
+
+MODELS = {"baseline": ("models/baseline.pt", "models/baseline.onnx"),
+          "pruned": ("models/finetuned.pt", "models/model.onnx")}
+OUT = "reports/metrics/export.json"
+
+
+def main() -> None:
+    params = load_params()
+    splits, card = load_prepared("data/prepared")
+    cfg = params.export
+    loaded = {name: (load_checkpoint(pt)[0], onnx) for name, (pt, onnx) in MODELS.items()}
+    key = fingerprint(cfg, card["sources"], [sha256(pt) for pt, _ in MODELS.values()])
+    with stage_run("export", {"export": cfg}, key):
+        result = export_and_check(loaded, splits["test"], card, cfg)
+        save_json(OUT, result)
+        log_metrics({k.removeprefix("models."): v for k, v in flat_dict(result).items()
+                     if isinstance(v, (int, float))})
+        log_artifacts(OUT)
+        log_onnx_model(MODELS["pruned"][1], card, name="model")
+        require_parity(result)
+    for name, m in result["models"].items():
+        p = m["parity"]
+        print(f"export {name}: {m['path']} {m['size_bytes']} bytes; parity on {p['images']} "
+              f"images: {p['prediction_mismatches']} mismatches, max |logit diff| "
+              f"{p['max_abs_logit_diff']:.2e}; latency {m['latency_ms']} ms")
+    print(f"export: onnxruntime speedup pruned vs baseline {result.get('speedup')}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,25 @@
+"""report: reports/summary.json + summary.md + plots from every stage's outputs, and one MLflow
+summary run per pipeline execution that links the stage runs."""
+
+from bnnprune.cli import run_stage
+from bnnprune.config import load_params
+from bnnprune.report import SUMMARY_JSON, load_inputs, log_summary_run, write_report
+from bnnprune.tracking import stage_run
+from bnnprune.train import fingerprint
+
+
+def main() -> None:
+    params = load_params()
+    inputs = load_inputs(params)
+    with stage_run("report", params, fingerprint(params, inputs)):
+        summary = write_report(params, inputs=inputs)
+        links = log_summary_run(summary)
+    w = summary["criteria_winner"]
+    print(f"report: {SUMMARY_JSON}: test_acc {summary['baseline']['test_acc']:.4f} -> "
+          f"{summary['pruned']['test_acc']:.4f} ({summary['acc_drop_pt']:+.2f} pt drop), BOPs "
+          f"-{summary['reduction']['bops_pct']:.1f}%, speedup {summary['speedup']}; winning "
+          f"criterion: {w['criterion']}; linked stage runs: {', '.join(links) or 'none'}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,171 @@
+"""ONNX export: parity with torch on a pruned-shaped model, normalisation inside the graph,
+dynamic batch, the client contract, and rejection of files that are not the model."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from bnnprune import export
+from bnnprune.config import ExportConfig
+from bnnprune.data import make_synthetic
+from bnnprune.models import build_model, model_config
+from bnnprune.train import evaluate
+
+CARD = {"shape": [1, 28, 28], "num_classes": 10, "mean": [0.3], "std": [0.2]}
+PRUNED_CHANNELS = [8, 5, 11, 3, 13, 7]  # cnn width 0.25 is [8, 8, 16, 16, 32, 32]
+
+
+def trained_like(channels: list[int]) -> torch.nn.Module:
+    """A tiny model whose BatchNorm statistics look trained (not the 0/1 init, which puts
+    binary-conv outputs exactly on the sign threshold)."""
+    config = {**model_config("cnn", 0.25, CARD["shape"], CARD["num_classes"]),
+              "channels": channels}
+    model = build_model(config, seed=0)
+    g = torch.Generator().manual_seed(1)
+    for block in model.blocks:
+        bn = block.bn
+        bn.running_mean.copy_(3 * torch.randn(bn.running_mean.shape, generator=g))
+        bn.running_var.copy_(0.5 + 5 * torch.rand(bn.running_var.shape, generator=g))
+        bn.weight.data.copy_(0.5 + torch.rand(bn.weight.shape, generator=g))
+        bn.bias.data.copy_(0.2 * torch.randn(bn.bias.shape, generator=g))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    return make_synthetic(10, 64, seed=3)[1]
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    model = trained_like(PRUNED_CHANNELS)
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export.export_onnx(model, CARD, path, ExportConfig(exporter="legacy"))
+    return model, path
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_onnx_logits_match_torch_on_a_pruned_shaped_model(exporter, tmp_path, test_split):
+    model = trained_like(PRUNED_CHANNELS)
+    path = export.export_onnx(model, CARD, tmp_path / "m.onnx", ExportConfig(exporter=exporter))
+    result = export.parity(model, export.session(path), test_split, CARD, tolerance=1e-4)
+    assert result["passed"], result
+    assert result["prediction_mismatches"] == 0 and result["max_abs_logit_diff"] < 1e-4
+    assert result["test_acc_onnx"] == result["test_acc_torch"]
+    # binarisation as standard ONNX ops: no custom domain, nothing onnxruntime lacks
+    graph = onnx.load(str(path)).graph
+    assert {n.domain for n in graph.node} <= {"", "ai.onnx"}
+    assert {"Where", "Conv"} <= {n.op_type for n in graph.node}
+
+
+def test_normalisation_is_inside_the_graph(pruned, test_split):
+    """A client feeds pixels / 255; the graph must reproduce the project's own evaluation,
+    which normalises with the dataset mean/std."""
+    model, path = pruned
+    logits = export.run_onnx(export.session(path), test_split.images)
+    torch_pred = evaluate(model, test_split, CARD)["pred"].numpy()
+    np.testing.assert_array_equal(logits.argmax(1), torch_pred)
+    with torch.no_grad():
+        ref = model((test_split.images.float() / 255 - 0.3) / 0.2).numpy()
+    np.testing.assert_allclose(logits, ref, atol=1e-4)
+
+
+def test_batch_axis_is_dynamic(pruned, test_split):
+    model, path = pruned
+    sess = export.session(path)
+    full = export.run_onnx(sess, test_split.images, batch_size=64)
+    for n in (1, 37):
+        x = export.pixels(test_split.images[:n]).numpy()
+        out = sess.run(["logits"], {"images": x})[0]
+        assert out.shape == (n, 10)
+        np.testing.assert_allclose(out, full[:n], atol=1e-5)
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 28, 28]
+
+
+def test_parity_failure_is_reported_and_raised(pruned, test_split):
+    model, path = pruned
+    other = trained_like(PRUNED_CHANNELS)
+    with torch.no_grad():
+        other.classifier.bias.add_(torch.arange(10.0))  # a different model, same contract
+    result = export.parity(other, export.session(path), test_split, CARD, tolerance=1e-4)
+    assert not result["passed"] and result["max_abs_logit_diff"] > 1e-4
+    with pytest.raises(export.ExportError, match="does not match torch"):
+        export.require_parity({"models": {"pruned": {"parity": result}}})
+
+
+def _renamed_input(src: Path, dst: Path) -> Path:
+    model = onnx.load(str(src))
+    old = model.graph.input[0].name
+    model.graph.input[0].name = "input"
+    for node in model.graph.node:
+        node.input[:] = ["input" if i == old else i for i in node.input]
+    onnx.save(model, str(dst))
+    return dst
+
+
+def test_verify_rejects_files_that_are_not_the_model(pruned, tmp_path):
+    _, path = pruned
+    export.verify(path, CARD)  # the real one passes
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"this is not a protobuf \x00\xff" * 10)
+    with pytest.raises(export.ExportError, match="not an ONNX model"):
+        export.verify(junk)
+    with pytest.raises(export.ExportError, match="not found"):
+        export.verify(tmp_path / "missing.onnx")
+    with pytest.raises(export.ExportError, match=r"'input' float32 \[batch, 1, 28, 28\]; expected one input 'images'"):
+        export.verify(_renamed_input(path, tmp_path / "renamed.onnx"))
+    cifar = {**CARD, "shape": [3, 32, 32]}
+    with pytest.raises(export.ExportError, match=r"\[batch, 3, 32, 32\]"):
+        export.verify(path, cifar)
+    with pytest.raises(export.ExportError, match="output"):
+        export.verify(path, {**CARD, "num_classes": 100})
+
+
+def test_verify_rejects_a_fixed_batch_axis(tmp_path):
+    model = trained_like(PRUNED_CHANNELS)
+    path = tmp_path / "static.onnx"
+    torch.onnx.export(export.client_model(model, CARD), (torch.rand(4, 1, 28, 28),), str(path),
+                      dynamo=False, input_names=["images"], output_names=["logits"])
+    with pytest.raises(export.ExportError, match="dynamic batch axis"):
+        export.verify(path, CARD)
+
+
+def test_export_and_check_times_both_models_side_by_side(tmp_path, test_split):
+    base = trained_like([8, 8, 16, 16, 32, 32])
+    small = trained_like(PRUNED_CHANNELS)
+    cfg = ExportConfig(exporter="legacy", latency_batch_sizes=[1, 16], latency_repeats=2,
+                       threads=1)
+    result = export.export_and_check({"baseline": (base, tmp_path / "b.onnx"),
+                                      "pruned": (small, tmp_path / "p.onnx")},
+                                     test_split, CARD, cfg)
+    assert result["parity_passed"]
+    for name in ("baseline", "pruned"):
+        m = result["models"][name]
+        assert set(m["latency_ms"]) == {"batch_1", "batch_16"}
+        assert all(v > 0 for v in m["latency_ms"].values())
+        assert m["parity"]["images"] == len(test_split)
+    assert result["models"]["pruned"]["size_bytes"] < result["models"]["baseline"]["size_bytes"]
+    assert result["speedup"]["batch_16"] == pytest.approx(
+        result["models"]["baseline"]["latency_ms"]["batch_16"]
+        / result["models"]["pruned"]["latency_ms"]["batch_16"], rel=1e-3)
+
+
+def test_logged_mlflow_model_has_signature_and_runs(pruned, tmp_path):
+    import mlflow
+
+    _, path = pruned
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        with mlflow.start_run() as run:
+            export.log_onnx_model(path, CARD)
+        loaded = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+        sig = loaded.metadata.signature
+        assert sig.inputs.input_names() == ["images"] and sig.outputs.input_names() == ["logits"]
+        out = loaded.predict({"images": np.zeros((3, 1, 28, 28), np.float32)})
+        assert out["logits"].shape == (3, 10)
+    finally:
+        mlflow.set_tracking_uri("")

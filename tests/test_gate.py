@@ -1,0 +1,89 @@
+"""Regression gate: `bnnprune check` against thresholds read from the params file."""
+
+import copy
+import json
+
+import pytest
+import yaml
+
+from bnnprune import cli, gate
+from bnnprune.config import GateConfig
+
+GOOD = {
+    "dataset": "fashion-mnist",
+    "baseline": {"test_acc": 0.91},
+    "pruned": {"test_acc": 0.90},
+    "reduction": {"bops_pct": 35.0, "ops_pct": 20.0, "size_pct": 30.0},
+    "acc_drop_pt": 1.0,
+    "speedup": {"cpu": 1.4, "triton": None, "onnxruntime": 1.2},
+    "speedup_unavailable": {"triton": "no CUDA GPU"},
+}
+THRESHOLDS = {"min_test_acc": 0.85, "max_acc_drop_pt": 2.0, "min_bops_reduction_pct": 20.0,
+              "min_speedup_cpu": 1.1}
+
+
+@pytest.fixture
+def files(tmp_path):
+    def write(summary: dict, thresholds: dict = THRESHOLDS):
+        (tmp_path / "summary.json").write_text(json.dumps(summary))
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"gate": thresholds}))
+        return tmp_path / "summary.json", tmp_path / "params.yaml"
+    return write
+
+
+def check(files_, summary, thresholds=THRESHOLDS):
+    s, p = files_(summary, thresholds)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["check", "--summary", str(s), "--params", str(p)])
+    return e.value.code
+
+
+def test_good_summary_passes(files, capsys):
+    assert check(files, GOOD) == 0
+    out = capsys.readouterr().out
+    assert "REGRESSED" not in out and "PASSED (4 of 4)" in out and "gate: OK" in out
+
+
+def test_regressed_accuracy_drop_fails_with_a_table(files, capsys):
+    bad = copy.deepcopy(GOOD)
+    bad["pruned"]["test_acc"], bad["acc_drop_pt"] = 0.87, 4.0
+    assert check(files, bad) == 1
+    out = capsys.readouterr().out
+    regressed, passed = out.split("PASSED")
+    assert "REGRESSED (1 of 4" in regressed
+    assert "accuracy drop (pt)" in regressed and "<= 2" in regressed and "4" in regressed
+    assert "pruned test accuracy" in passed and "gate: FAILED" in out
+
+
+def test_thresholds_come_from_the_params_file(files):
+    assert check(files, GOOD, {**THRESHOLDS, "min_test_acc": 0.95}) == 1
+    assert check(files, GOOD, {**THRESHOLDS, "min_speedup_cpu": 1.5}) == 1
+    assert check(files, GOOD, {**THRESHOLDS, "min_bops_reduction_pct": 36.0}) == 1
+    assert check(files, GOOD, {**THRESHOLDS, "max_acc_drop_pt": 0.5}) == 1
+    assert check(files, GOOD, {**THRESHOLDS, "min_speedup_cpu": 1.4}) == 0  # bounds inclusive
+
+
+def test_gate_defaults_apply_to_unset_thresholds(files):
+    results = gate.evaluate(GOOD, GateConfig())
+    assert [r.threshold for r in results] == [0.85, 2.0, 20.0, 1.1]
+    assert check(files, GOOD, {}) == 0
+
+
+def test_backend_that_did_not_run_fails_with_its_reason(files, capsys):
+    missing = copy.deepcopy(GOOD)
+    missing["speedup"]["cpu"] = None
+    missing["speedup_unavailable"]["cpu"] = "numba not installed"
+    assert check(files, missing) == 1
+    assert "not measured: numba not installed" in capsys.readouterr().out
+
+
+def test_malformed_summary_is_a_clear_error(files, capsys):
+    broken = copy.deepcopy(GOOD)
+    del broken["reduction"]
+    assert check(files, broken) == 2
+    assert "'reduction' missing" in capsys.readouterr().err
+
+
+def test_bad_threshold_in_params_is_a_config_error(files, capsys):
+    assert check(files, GOOD, {**THRESHOLDS, "min_test_acc": 85}) == 2
+    assert "gate.min_test_acc" in capsys.readouterr().err
