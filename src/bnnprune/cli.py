@@ -9,13 +9,10 @@ from collections.abc import Callable
 from bnnprune.config import ConfigError
 from bnnprune.data import DataError
 from bnnprune.export import ExportError
-from bnnprune.export import ExportError
 from bnnprune.flips import FlipsError
-from bnnprune.gate import GateError
 from bnnprune.gate import GateError
 from bnnprune.models import CheckpointError
 from bnnprune.prune import PruneError
-from bnnprune.report import ReportError
 from bnnprune.report import ReportError
 from bnnprune.tracking import TrackingError
 from bnnprune.train import TrainingError
