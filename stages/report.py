@@ -10,7 +10,7 @@ from bnnprune.train import fingerprint
 
 def main() -> None:
     params = load_params()
-    inputs = load_inputs(params)
+    inputs = load_inputs()
     with stage_run("report", params, fingerprint(params, inputs)):
         summary = write_report(params, inputs=inputs)
         links = log_summary_run(summary)

@@ -21,10 +21,9 @@ from bnnprune.ops import count_ops, reduction_pct
 SUMMARY_JSON, SUMMARY_MD = "reports/summary.json", "reports/summary.md"
 PLOTS = {"flip_ratio": "reports/plots/flip_ratio.png", "channels": "reports/plots/channels.png",
          "criteria": "reports/plots/criteria.png", "latency": "reports/plots/latency.png"}
-CRITERIA_CSV, LATENCY_CSV = "reports/plots/criteria.csv", "reports/plots/latency.csv"
+LATENCY_CSV = "reports/plots/latency.csv"
 SUMMARY_TAG = "bnnprune.summary"  # tag of the one summary run per pipeline execution
 LINK_TAG = "bnnprune.stage_run."  # + stage name: run id of the stage run the summary covers
-STAGES = ("prepare", "train", "prune", "finetune", "compare", "benchmark", "export")
 
 # input name -> (path, the DVC stage that writes it)
 INPUTS = {
@@ -37,8 +36,8 @@ INPUTS = {
     "pruned_model": ("models/finetuned.pt", "finetune"),
     "benchmark": ("reports/metrics/benchmark.json", "benchmark"),
     "export": ("reports/metrics/export.json", "export"),
+    "compare_summary": ("reports/metrics/compare_summary.json", "compare_summary"),
 }
-COMPARE_DIR = ("reports/metrics/compare", "compare")
 
 
 class ReportError(ValueError):
@@ -57,7 +56,7 @@ def read_csv(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def load_inputs(params: Params, root: str | Path = ".") -> dict[str, Any]:
+def load_inputs(root: str | Path = ".") -> dict[str, Any]:
     """Every input file, loaded; a ReportError names the first missing one and its stage."""
     root = Path(root)
     out: dict[str, Any] = {}
@@ -77,14 +76,6 @@ def load_inputs(params: Params, root: str | Path = ".") -> dict[str, Any]:
         except Exception as e:
             raise ReportError(f"{path}: cannot read report input ({type(e).__name__}: {e})") \
                 from e
-    out["compare"] = {}
-    for criterion in params.prune.compare:
-        if criterion == params.prune.criterion:
-            continue
-        path = root / COMPARE_DIR[0] / f"{criterion}.json"
-        if not path.is_file():
-            raise _missing(path, COMPARE_DIR[1])
-        out["compare"][criterion] = load_json(path)
     return out
 
 
@@ -120,42 +111,26 @@ def speedups(benchmark: dict, export: dict) -> tuple[dict, dict, list[dict]]:
     models = _get(export, "models", INPUTS["export"][0])
     batch = max(models["pruned"]["latency_ms"], key=lambda k: int(k.split("_")[-1]))
     speedup["onnxruntime"] = _get(export, "speedup", INPUTS["export"][0])[batch]
-    rows.append({"backend": "onnxruntime", "baseline_ms": models["baseline"]["latency_ms"][batch],
+    rows.append({"backend": f"onnxruntime ({batch.replace('_', ' ')})",
+                 "baseline_ms": models["baseline"]["latency_ms"][batch],
                  "pruned_ms": models["pruned"]["latency_ms"][batch]})
     return speedup, unavailable, rows
 
 
-def criteria_results(inputs: dict[str, Any], params: Params) -> dict[str, dict[str, float]]:
-    """Per criterion: BOP reduction, test accuracy and drop after the same fine-tuning."""
-    ft = inputs["finetune"]
-    out = {params.prune.criterion: {
-        "bops_pct": _get(ft, "bops_reduction_pct", INPUTS["finetune"][0]),
-        "test_acc": _get(ft, "test_acc", INPUTS["finetune"][0]),
-        "acc_drop_pt": _get(ft, "acc_drop_pt", INPUTS["finetune"][0])}}
-    for criterion, r in inputs["compare"].items():
-        src = f"{COMPARE_DIR[0]}/{criterion}.json"
-        out[criterion] = {"bops_pct": _get(r, "bops_reduction_pct", src),
-                          "test_acc": _get(r, "test_acc", src),
-                          "acc_drop_pt": _get(r, "acc_drop_pt", src)}
-    return out
-
-
-def winner(criteria: dict[str, dict[str, float]], n_test: int) -> dict[str, Any]:
-    """The criterion with the highest test accuracy (ties broken by the larger BOP reduction),
-    its margin over the runner-up in points and the accuracy's binomial standard error."""
-    ranked = sorted(criteria, key=lambda c: (criteria[c]["test_acc"], criteria[c]["bops_pct"]),
-                    reverse=True)
-    best = ranked[0]
-    acc = criteria[best]["test_acc"]
-    result = {"criterion": best, "runner_up": ranked[1] if len(ranked) > 1 else None,
-              "margin_pt": None,
-              "std_error_pt": 100 * math.sqrt(acc * (1 - acc) / n_test) if n_test else None}
-    if len(ranked) > 1:
-        result["margin_pt"] = 100 * (acc - criteria[ranked[1]]["test_acc"])
-        if result["margin_pt"] == 0 and criteria[best]["bops_pct"] == criteria[ranked[1]][
-                "bops_pct"]:
-            result["criterion"] = None  # a tie
-    return result
+def criteria_results(compare_summary: dict) -> tuple[dict[str, dict[str, float]], dict]:
+    """Per criterion (BOP reduction, test accuracy, drop after the same fine-tuning) and the
+    winner, as the compare_summary stage ranked them."""
+    src = INPUTS["compare_summary"][0]
+    criteria = {c: {"bops_pct": r["bops_reduction_pct"], "test_acc": r["test_acc"],
+                    "acc_drop_pt": r["acc_drop_pt"]}
+                for c, r in _get(compare_summary, "criteria", src).items()}
+    best = _get(compare_summary, "winner", src)
+    margin = compare_summary.get("winner_margin_pt")
+    others = sorted((c for c in criteria if c != best), key=lambda c: -criteria[c]["test_acc"])
+    tied = bool(others) and margin == 0
+    return criteria, {"criterion": None if tied else best,
+                      "runner_up": others[0] if others else None, "margin_pt": margin,
+                      "bops_pct_spread": compare_summary.get("bops_pct_spread")}
 
 
 def build_summary(inputs: dict[str, Any], params: Params) -> dict[str, Any]:
@@ -165,7 +140,9 @@ def build_summary(inputs: dict[str, Any], params: Params) -> dict[str, Any]:
     baseline = model_costs(inputs["baseline_model"], base_acc)
     pruned = model_costs(inputs["pruned_model"], pruned_acc)
     speedup, unavailable, _ = speedups(inputs["benchmark"], inputs["export"])
-    criteria = criteria_results(inputs, params)
+    criteria, best = criteria_results(inputs["compare_summary"])
+    test_acc = criteria[best["criterion"]]["test_acc"] if best["criterion"] else pruned_acc
+    best["std_error_pt"] = 100 * math.sqrt(test_acc * (1 - test_acc) / card["sizes"]["test"])
     layers = [{"layer": name, "p_l": r.get("p"), "channels_before": r["channels_before"],
                "channels_after": r["channels_after"], "bops_before": r["bops_before"],
                "bops_after": r["bops_after"]}
@@ -186,7 +163,7 @@ def build_summary(inputs: dict[str, Any], params: Params) -> dict[str, Any]:
         "speedup_unavailable": unavailable,
         "bnn_vs_float": bnn_vs_float(inputs["benchmark"]),
         "criteria": criteria,
-        "criteria_winner": winner(criteria, card["sizes"]["test"]),
+        "criteria_winner": best,
         "layers": layers,
         "onnx_parity": {name: {k: p[k] for k in ("images", "prediction_mismatches",
                                                  "max_abs_logit_diff", "passed")}
@@ -216,19 +193,23 @@ def markdown(s: dict[str, Any]) -> str:
         lines.append(f"**Pruning criteria tied** on the measured runs "
                      f"({', '.join(s['criteria'])}).")
     else:
-        margin = (f" by {w['margin_pt']:.2f} pt over `{w['runner_up']}`"
+        margin = (f", by {w['margin_pt']:.2f} pt over `{w['runner_up']}`"
                   if w["runner_up"] else "")
         lines.append(f"**Winning pruning criterion on the measured runs: `{w['criterion']}`**"
                      f" (highest test accuracy after the same fine-tuning{margin}; one run per "
                      f"criterion, standard error of a test accuracy ~{w['std_error_pt']:.2f} pt"
                      f", so a margin below ~{2 * w['std_error_pt']:.1f} pt is within noise).")
+    if (w.get("bops_pct_spread") or 0) > 1:
+        lines.append(f"Note: the criteria's BOP reductions differ by up to "
+                     f"{w['bops_pct_spread']:.1f} points, so they were not compared at exactly "
+                     f"the same budget.")
     lines += ["", "## Baseline vs pruned", "",
               "| | test acc | BOPs | FLOPs (MACs) | OPs | size (bytes) |",
               "|---|---:|---:|---:|---:|---:|"]
     for name, r in (("baseline", b), (f"pruned ({m['criterion']}, tau {m['tau']:g})", p)):
         lines.append(f"| {name} | {r['test_acc']:.4f} | {r['bops']:,.0f} | {r['flops']:,.0f} | "
                      f"{r['ops']:,.0f} | {r['size_bytes']:,.0f} |")
-    lines.append(f"| reduction | {-s['acc_drop_pt']:+.2f} pt | {red['bops_pct']:.1f}% | | "
+    lines.append(f"| reduction | drop {s['acc_drop_pt']:.2f} pt | {red['bops_pct']:.1f}% | | "
                  f"{red['ops_pct']:.1f}% | {red['size_pct']:.1f}% |")
     lines += ["", "## Per binary layer", "",
               "| layer | channels before | channels after | p_l | BOPs before | BOPs after |",
@@ -272,13 +253,18 @@ def plot_all(s: dict[str, Any], flip_ratio: list[dict[str, float]],
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [r["epoch"] for r in flip_ratio]
-    for layer in [k for k in flip_ratio[0] if k != "epoch"]:
+    layers = [k for k in flip_ratio[0] if k != "epoch"]
+    for layer in layers:
         ax.plot(epochs, [r[layer] for r in flip_ratio], marker="o", label=layer)
-    ax.set(xlabel="epoch", ylabel="flip ratio per observation", yscale="log",
+    positive = all(r[k] > 0 for r in flip_ratio for k in layers)
+    ax.set(xlabel="epoch", ylabel="flip ratio per observation",
+           yscale="log" if positive else "linear",
            title="Weight sign flips per layer during training")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     _save_fig(fig, root / PLOTS["flip_ratio"])
 
@@ -320,12 +306,11 @@ def write_report(params: Params, root: str | Path = ".",
     """Read every stage's outputs under `root` (unless given as `inputs`); write summary.json/
     .md, the PNGs and their CSV data (for `dvc plots`). Returns the summary."""
     root = Path(root)
-    inputs = inputs if inputs is not None else load_inputs(params, root)
+    inputs = inputs if inputs is not None else load_inputs(root)
     summary = build_summary(inputs, params)
     _, _, latency_rows = speedups(inputs["benchmark"], inputs["export"])
     save_json(root / SUMMARY_JSON, summary)
     write_atomic(root / SUMMARY_MD, lambda p: p.write_text(markdown(summary)))
-    save_csv(root / CRITERIA_CSV, [{"criterion": c, **r} for c, r in summary["criteria"].items()])
     save_csv(root / LATENCY_CSV, [{"backend": r["backend"], "model": m, "ms": r[f"{m}_ms"]}
                                   for r in latency_rows for m in ("baseline", "pruned")])
     plot_all(summary, inputs["flip_ratio"], latency_rows, root)
@@ -349,25 +334,27 @@ def headline_metrics(s: dict[str, Any]) -> dict[str, float]:
 
 
 def link_stage_runs(run: Any) -> dict[str, str]:
-    """Tag the summary run with the latest finished run of every stage of the same git commit
-    (and DVC experiment, when set); adopt those that have no parent yet as child runs, so the
-    MLflow UI shows one row per pipeline execution."""
+    """Tag the summary run with the run id of every stage: the newest finished run of that
+    stage from the same git commit (and DVC experiment, when set), else - a stage DVC skipped
+    because nothing changed - its newest finished run. Runs without a parent become children
+    of the summary run, so the MLflow UI shows one row per pipeline execution."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     tags = run.data.tags
-    clauses = [f"tags.git_commit = '{tags.get('git_commit', 'unknown')}'",
-               "attributes.status = 'FINISHED'"]
-    if tags.get("dvc_exp_name"):
-        clauses.append(f"tags.dvc_exp_name = '{tags['dvc_exp_name']}'")
-    links = {}
-    for stage in STAGES:
-        found = client.search_runs([run.info.experiment_id],
-                                   " and ".join(clauses + [f"tags.stage = '{stage}'"]),
-                                   order_by=["attributes.start_time DESC"], max_results=1)
-        if not found:
+    same = {"git_commit": tags.get("git_commit"), "dvc_exp_name": tags.get("dvc_exp_name")}
+    chosen: dict[str, tuple[bool, Any]] = {}  # stage -> (same execution?, run); newest first
+    for found in client.search_runs([run.info.experiment_id], "attributes.status = 'FINISHED'",
+                                    order_by=["attributes.start_time DESC"], max_results=1000):
+        t = found.data.tags
+        stage = t.get("stage")
+        if not stage or SUMMARY_TAG in t or found.info.run_id == run.info.run_id:
             continue
-        stage_run = found[0]
+        match = all(t.get(k) == v for k, v in same.items())
+        if stage not in chosen or (match and not chosen[stage][0]):
+            chosen[stage] = (match, found)
+    links = {}
+    for stage, (_, stage_run) in sorted(chosen.items()):
         links[stage] = stage_run.info.run_id
         client.set_tag(run.info.run_id, LINK_TAG + stage, stage_run.info.run_id)
         if "mlflow.parentRunId" not in stage_run.data.tags:

@@ -1,0 +1,209 @@
+"""Report: summary.json schema and numbers (ops from the counting module), the readable report
+and its plots, clear errors for missing inputs, and the MLflow summary run + compare table."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bnnprune import report
+from bnnprune.config import ExportConfig, parse_params
+from bnnprune.data import make_synthetic
+from bnnprune.files import save_csv, save_json
+from bnnprune.models import build_model, model_config, save_checkpoint
+from bnnprune.ops import count_ops, reduction_pct
+from bnnprune.prune import compare_rows, prune_report
+
+CARD = {"dataset": "synthetic", "shape": [1, 28, 28], "num_classes": 10, "mean": [0.3],
+        "std": [0.2], "sizes": {"train": 100, "val": 20, "test": 2000}}
+BASE_CH, PRUNED_CH = [8, 8, 16, 16, 32, 32], [8, 6, 12, 10, 20, 32]
+ACC = {"flip": 0.885, "latent": 0.893, "random": 0.861}
+BENCHMARK = {
+    "backends": {
+        "cpu": {"baseline_ms": 10.0, "pruned_ms": 6.25, "speedup": 1.6},
+        "triton": {"speedup": None, "reason": "no CUDA GPU (interpreter timing is not a speed)"},
+        "torch": {"baseline_ms": 30.0, "pruned_ms": 24.0, "speedup": 1.25},
+    },
+    "bnn_vs_float": {"speedup": 4.8, "packed_ms": 6.25, "float_ms": 30.0},
+}
+
+
+def tiny(channels):
+    return build_model({**model_config("cnn", 0.25, [1, 28, 28], 10), "channels": channels},
+                       seed=0).eval()
+
+
+def finetune_json(criterion, acc, bops_pct):
+    return {"criterion": criterion, "val_acc": acc, "test_acc": acc, "test_loss": 0.3,
+            "baseline_test_acc": 0.9, "acc_drop_pt": 100 * (0.9 - acc), "epochs": 1,
+            "bops_reduction_pct": bops_pct}
+
+
+def make_workspace(root: Path, acc: dict = ACC) -> Path:
+    """Every report input, written by the producers' own functions where they are cheap."""
+    base, pruned = tiny(BASE_CH), tiny(PRUNED_CH)
+    save_json(root / "data/prepared/card.json", CARD)
+    save_json(root / "reports/metrics/train.json", {"val_acc": 0.9, "test_acc": 0.9})
+    save_csv(root / "reports/plots/flip_ratio.csv",
+             [{"epoch": e, **{f"blocks.{i}": 0.01 / (e * i) for i in range(1, 6)}}
+              for e in (1, 2, 3)])
+    save_checkpoint(root / "models/baseline.pt", base)
+    save_checkpoint(root / "models/finetuned.pt", pruned)
+    prune = prune_report(base, pruned, {f"blocks.{i}.layer": 0.1 * i for i in range(1, 6)})
+    save_json(root / "reports/metrics/prune.json", {"criterion": "flip", "tau": 20, **prune})
+    bops_pct = prune["total"]["bops_reduction_pct"]
+    runs = [finetune_json(c, a, bops_pct) for c, a in acc.items()]
+    save_json(root / "reports/metrics/finetune.json", runs[0])
+    save_json(root / "reports/metrics/compare_summary.json", compare_rows(runs)[1])
+    save_json(root / "reports/metrics/benchmark.json", BENCHMARK)
+    test = make_synthetic(10, 32, seed=1)[1]
+    cfg = ExportConfig(exporter="legacy", latency_batch_sizes=[1, 8], latency_repeats=1,
+                       threads=1)
+    from bnnprune.export import export_and_check
+
+    result = export_and_check({"baseline": (base, root / "models/baseline.onnx"),
+                               "pruned": (pruned, root / "models/model.onnx")}, test, CARD, cfg)
+    save_json(root / "reports/metrics/export.json", result)
+    return root
+
+
+PARAMS = parse_params({"prune": {"criterion": "flip", "tau": 20}})
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("ws"))
+
+
+@pytest.fixture(scope="module")
+def summary(workspace):
+    return report.write_report(PARAMS, workspace)
+
+
+def test_summary_schema_and_numbers(workspace, summary):
+    on_disk = json.loads((workspace / report.SUMMARY_JSON).read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for key in ("dataset", "model", "baseline", "pruned", "reduction", "acc_drop_pt", "speedup",
+                "bnn_vs_float", "criteria"):
+        assert key in on_disk, key
+    for name, channels in (("baseline", BASE_CH), ("pruned", PRUNED_CH)):
+        total = count_ops(tiny(channels))["total"]
+        assert summary[name] == {"test_acc": pytest.approx(0.9 if name == "baseline" else 0.885),
+                                 "bops": total["bops"], "flops": total["flops"],
+                                 "ops": total["ops"], "size_bytes": total["size_bytes"]}
+        assert 0 <= summary[name]["test_acc"] <= 1
+    b, p = summary["baseline"], summary["pruned"]
+    assert summary["reduction"]["bops_pct"] == pytest.approx(reduction_pct(b["bops"], p["bops"]))
+    assert summary["reduction"]["ops_pct"] == pytest.approx(reduction_pct(b["ops"], p["ops"]))
+    assert 0 < summary["reduction"]["size_pct"] < 100
+    assert summary["acc_drop_pt"] == pytest.approx(1.5)  # points, not a fraction
+    assert summary["speedup"]["cpu"] == 1.6 and summary["speedup"]["triton"] is None
+    assert "CUDA" in summary["speedup_unavailable"]["triton"]
+    export = json.loads((workspace / "reports/metrics/export.json").read_text())
+    assert summary["speedup"]["onnxruntime"] == export["speedup"]["batch_8"]
+    assert summary["bnn_vs_float"]["speedup"] == 4.8
+    assert set(summary["criteria"]) == {"flip", "latent", "random"}
+    assert summary["criteria"]["random"]["acc_drop_pt"] == pytest.approx(3.9)
+    assert [r["channels_after"] for r in summary["layers"]] == PRUNED_CH[1:]
+    assert summary["layers"][0]["p_l"] == pytest.approx(0.1)
+
+
+def test_markdown_names_the_winner_and_has_per_layer_tables_and_plots(workspace, summary):
+    md = (workspace / report.SUMMARY_MD).read_text()
+    assert "Winning pruning criterion on the measured runs: `latent`" in md
+    assert ", by 0.80 pt over `flip`" in md
+    assert "| blocks.3 | 16 | 10 | 0.300 |" in md
+    assert "| triton | n/a | no CUDA GPU" in md
+    for name, rel in report.PLOTS.items():
+        assert (workspace / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"(plots/{Path(rel).name})" in md
+    latency = (workspace / report.LATENCY_CSV).read_text().splitlines()
+    assert latency[0] == "backend,model,ms" and any(r.startswith("onnxruntime (batch 8),pruned,")
+                                                    for r in latency)
+
+
+def test_tied_criteria_are_reported_as_a_tie(tmp_path):
+    ws = make_workspace(tmp_path, {"flip": 0.88, "latent": 0.88, "random": 0.85})
+    s = report.write_report(PARAMS, ws)
+    assert s["criteria_winner"]["criterion"] is None
+    assert "Pruning criteria tied" in (ws / report.SUMMARY_MD).read_text()
+
+
+@pytest.mark.parametrize("rel", ["reports/metrics/benchmark.json", "models/finetuned.pt",
+                                 "reports/metrics/compare_summary.json"])
+def test_missing_input_names_the_file_and_its_stage(workspace, tmp_path, rel):
+    path = workspace / rel
+    saved = path.read_bytes()
+    path.unlink()
+    try:
+        stage = next(s for p, s in report.INPUTS.values() if p == rel)
+        with pytest.raises(report.ReportError, match=rf"{rel}: .*not found.*'{stage}' stage"):
+            report.load_inputs(workspace)
+    finally:
+        path.write_bytes(saved)
+
+
+def test_malformed_input_is_a_clear_error(workspace):
+    path = workspace / "reports/metrics/benchmark.json"
+    saved = path.read_text()
+    path.write_text(json.dumps({"something": "else"}))
+    try:
+        with pytest.raises(report.ReportError, match="benchmark.json: key 'backends' missing"):
+            report.build_summary(report.load_inputs(workspace), PARAMS)
+    finally:
+        path.write_text(saved)
+
+
+def test_summary_run_links_stage_runs_and_compare_shows_one_row_each(
+        workspace, summary, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from bnnprune.tracking import stage_run
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    stage_ids = {}
+    for stage in ("train", "finetune"):
+        with stage_run(stage, {"x": 1}, f"hash-{stage}") as run:
+            stage_ids[stage] = run.info.run_id
+    summary_ids = []
+    for tau in (20.0, 30.0):  # two pipeline executions with different configurations
+        params = parse_params({"prune": {"tau": tau}})
+        with stage_run("report", params, f"report-{tau}") as run:
+            links = report.log_summary_run(summary, workspace)
+            summary_ids.append(run.info.run_id)
+        assert links == stage_ids  # the newest run of each stage
+    client = MlflowClient(uri)
+    first = client.get_run(summary_ids[0])
+    assert first.data.tags[report.SUMMARY_TAG] == "true"
+    assert first.data.tags[report.LINK_TAG + "train"] == stage_ids["train"]
+    assert first.data.metrics["bops_reduction_pct"] == pytest.approx(
+        summary["reduction"]["bops_pct"])
+    assert first.data.metrics["speedup_cpu"] == 1.6
+    # stage runs become children of the first summary run only (never re-parented)
+    assert client.get_run(stage_ids["train"]).data.tags["mlflow.parentRunId"] == summary_ids[0]
+    table = report.compare().splitlines()
+    assert len(table) == 2 + 2  # header, rule, one row per summary run
+    assert "prune.tau" in table[0] and "test_acc" in table[0]
+    assert table[2].startswith(summary_ids[1][:8]) and "30.0" in table[2]
+    assert not math.isnan(first.data.metrics["pruned_test_acc"])
+
+
+def test_compare_without_summary_runs_says_so():
+    import pandas as pd
+
+    assert "no summary runs yet" in report.compare_table(pd.DataFrame())
+
+
+def test_report_cli_stage_error_is_one_line(tmp_path, monkeypatch, capsys):
+    from bnnprune.cli import run_stage
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        run_stage(lambda: report.load_inputs())
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data/prepared/card.json: report input not found")
