@@ -12,7 +12,7 @@ def main() -> None:
     params = load_params()
     inputs = load_inputs()
     with stage_run("report", params, fingerprint(params, inputs)):
-        summary = write_report(params, inputs=inputs)
+        summary = write_report(inputs=inputs)
         links = log_summary_run(summary)
     w = summary["criteria_winner"]
     print(f"report: {SUMMARY_JSON}: test_acc {summary['baseline']['test_acc']:.4f} -> "

@@ -68,9 +68,6 @@ def make_workspace(root: Path, acc: dict = ACC) -> Path:
     return root
 
 
-PARAMS = parse_params({"prune": {"criterion": "flip", "tau": 20}})
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     return make_workspace(tmp_path_factory.mktemp("ws"))
@@ -78,7 +75,7 @@ def workspace(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def summary(workspace):
-    return report.write_report(PARAMS, workspace)
+    return report.write_report(workspace)
 
 
 def test_summary_schema_and_numbers(workspace, summary):
@@ -119,13 +116,13 @@ def test_markdown_names_the_winner_and_has_per_layer_tables_and_plots(workspace,
         assert (workspace / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"(plots/{Path(rel).name})" in md
     latency = (workspace / report.LATENCY_CSV).read_text().splitlines()
-    assert latency[0] == "backend,model,ms" and any(r.startswith("onnxruntime (batch 8),pruned,")
-                                                    for r in latency)
+    assert latency[0] == "label,backend,model,ms"
+    assert any(r.startswith("onnxruntime (batch 8): pruned,") for r in latency)
 
 
 def test_tied_criteria_are_reported_as_a_tie(tmp_path):
     ws = make_workspace(tmp_path, {"flip": 0.88, "latent": 0.88, "random": 0.85})
-    s = report.write_report(PARAMS, ws)
+    s = report.write_report(ws)
     assert s["criteria_winner"]["criterion"] is None
     assert "Pruning criteria tied" in (ws / report.SUMMARY_MD).read_text()
 
@@ -150,7 +147,7 @@ def test_malformed_input_is_a_clear_error(workspace):
     path.write_text(json.dumps({"something": "else"}))
     try:
         with pytest.raises(report.ReportError, match="benchmark.json: key 'backends' missing"):
-            report.build_summary(report.load_inputs(workspace), PARAMS)
+            report.build_summary(report.load_inputs(workspace))
     finally:
         path.write_text(saved)
 

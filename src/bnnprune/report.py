@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bnnprune.config import Params
 from bnnprune.files import load_json, save_csv, save_json, write_atomic
 from bnnprune.models import load_checkpoint
 from bnnprune.ops import count_ops, reduction_pct
@@ -133,7 +132,7 @@ def criteria_results(compare_summary: dict) -> tuple[dict[str, dict[str, float]]
                       "bops_pct_spread": compare_summary.get("bops_pct_spread")}
 
 
-def build_summary(inputs: dict[str, Any], params: Params) -> dict[str, Any]:
+def build_summary(inputs: dict[str, Any]) -> dict[str, Any]:
     card, prune = inputs["card"], inputs["prune"]
     base_acc = _get(inputs["train"], "test_acc", INPUTS["train"][0])
     pruned_acc = _get(inputs["finetune"], "test_acc", INPUTS["finetune"][0])
@@ -152,7 +151,8 @@ def build_summary(inputs: dict[str, Any], params: Params) -> dict[str, Any]:
         "dataset": card["dataset"],
         "model": {"arch": inputs["baseline_model"]["arch"],
                   "width": inputs["baseline_model"].get("width"),
-                  "criterion": params.prune.criterion, "tau": params.prune.tau},
+                  "criterion": _get(prune, "criterion", INPUTS["prune"][0]),
+                  "tau": prune.get("tau")},
         "baseline": baseline,
         "pruned": pruned,
         "reduction": {"bops_pct": reduction_pct(baseline["bops"], pruned["bops"]),
@@ -206,7 +206,7 @@ def markdown(s: dict[str, Any]) -> str:
     lines += ["", "## Baseline vs pruned", "",
               "| | test acc | BOPs | FLOPs (MACs) | OPs | size (bytes) |",
               "|---|---:|---:|---:|---:|---:|"]
-    for name, r in (("baseline", b), (f"pruned ({m['criterion']}, tau {m['tau']:g})", p)):
+    for name, r in (("baseline", b), (f"pruned ({m['criterion']}, tau {_fmt(m['tau'], 'g')})", p)):
         lines.append(f"| {name} | {r['test_acc']:.4f} | {r['bops']:,.0f} | {r['flops']:,.0f} | "
                      f"{r['ops']:,.0f} | {r['size_bytes']:,.0f} |")
     lines.append(f"| reduction | drop {s['acc_drop_pt']:.2f} pt | {red['bops_pct']:.1f}% | | "
@@ -301,17 +301,18 @@ def plot_all(s: dict[str, Any], flip_ratio: list[dict[str, float]],
     _save_fig(fig, root / PLOTS["latency"])
 
 
-def write_report(params: Params, root: str | Path = ".",
+def write_report(root: str | Path = ".",
                  inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read every stage's outputs under `root` (unless given as `inputs`); write summary.json/
     .md, the PNGs and their CSV data (for `dvc plots`). Returns the summary."""
     root = Path(root)
     inputs = inputs if inputs is not None else load_inputs(root)
-    summary = build_summary(inputs, params)
+    summary = build_summary(inputs)
     _, _, latency_rows = speedups(inputs["benchmark"], inputs["export"])
     save_json(root / SUMMARY_JSON, summary)
     write_atomic(root / SUMMARY_MD, lambda p: p.write_text(markdown(summary)))
-    save_csv(root / LATENCY_CSV, [{"backend": r["backend"], "model": m, "ms": r[f"{m}_ms"]}
+    save_csv(root / LATENCY_CSV, [{"label": f"{r['backend']}: {m}", "backend": r["backend"],
+                                   "model": m, "ms": r[f"{m}_ms"]}
                                   for r in latency_rows for m in ("baseline", "pruned")])
     plot_all(summary, inputs["flip_ratio"], latency_rows, root)
     return summary
