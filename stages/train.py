@@ -26,15 +26,14 @@ def main() -> None:
         seconds = time.perf_counter() - start
         val, test = (evaluate(model, splits[k], card) for k in ("val", "test"))
         metrics = {"val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
-                   "test_loss": test["loss"], "train_seconds": round(seconds, 1),
-                   "resumed_from_epoch": result.resumed_from_epoch,
-                   "flip_observations": result.flips.observations}
+                   "test_loss": test["loss"], "flip_observations": result.flips.observations}
         save_checkpoint("models/baseline.pt", model, metrics=metrics, history=result.history)
         save_torch("models/flips.pt", result.flips.export(model.config, cfg.flip_window))
         save_json("reports/metrics/train.json", metrics)
         save_csv("reports/plots/train_history.csv", result.history)
         save_csv("reports/plots/flip_ratio.csv", result.flip_history)
-        log_metrics({k: v for k, v in metrics.items() if k != "resumed_from_epoch"})
+        log_metrics({**metrics, "train_seconds": seconds,
+                     "resumed_from_epoch": result.resumed_from_epoch})
         log_artifacts("reports/metrics/train.json", "reports/plots/train_history.csv",
                       "reports/plots/flip_ratio.csv")
         finish_resume(RESUME)

@@ -1,11 +1,15 @@
 import gzip
 import os
+import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 REPO = Path(__file__).resolve().parents[1]
@@ -36,3 +40,57 @@ def idx_root(tmp_path: Path) -> Path:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+TINY = {
+    "data": {"dataset": "synthetic", "subset": {"train": 200, "val": 50, "test": 50}},
+    "model": {"width": 0.25},
+    "train": {"epochs": 2, "batch_size": 32, "threads": 1},
+}
+
+
+def sh(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}"
+                             f"\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def merge(base: dict, override: dict) -> dict:
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def tiny_params(params: dict) -> dict:
+    """Shrink every training budget in params.yaml to the minimum and use synthetic data."""
+    merge(params, TINY)
+    for group in params.values():
+        if isinstance(group, dict) and "epochs" in group and group is not params["train"]:
+            group.update(epochs=1, batch_size=32, threads=1)
+    return params
+
+
+
+
+def copy_project(root: Path, **override) -> tuple[Path, dict]:
+    """A committed copy of the repo (tracked + new files) with tiny params, and its env."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:  # sources only: no trained models from the developer's workspace
+        if (REPO / name).is_file() and not name.startswith(("models/", "data/")):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    params = merge(tiny_params(yaml.safe_load((root / "params.yaml").read_text())), override)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("DVC_EXP_NAME", None)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        sh(cmd, root, env)
+    return root, env

@@ -1,13 +1,14 @@
 """MLflow wiring: one run per stage, in one experiment, in the project's `mlflow.db`.
 
 `MLFLOW_TRACKING_URI` overrides the default `sqlite:///<project>/mlflow.db`. DVC runs queued
-experiments in temporary copies under `<project>/.dvc/tmp/exps/`; the default URI points at
-the project itself there too, so every experiment lands in the same database.
+experiments in temporary copies of the project; the default URI points at the project itself
+there too (DVC_ROOT), so every experiment lands in the same database.
 `BNNPRUNE_MLFLOW=off` turns tracking off explicitly (every DVC output is still written).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import time
@@ -38,13 +39,10 @@ def enabled() -> bool:
     return os.environ.get("BNNPRUNE_MLFLOW", "on").lower() not in ("off", "0", "false")
 
 
-def project_root(cwd: Path | None = None) -> Path:
-    cwd = (cwd or Path.cwd()).resolve()
-    parts = cwd.parts
-    for i in range(len(parts) - 3):
-        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return cwd
+def project_root() -> Path:
+    """The project folder: DVC sets DVC_ROOT to it, also for queued experiments that run in
+    temporary copies; otherwise the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
 def tracking_uri() -> str:
@@ -59,20 +57,36 @@ def git_commit() -> str:
         return "unknown"
 
 
-def ensure_experiment(retries: int = 5) -> str:
+@contextmanager
+def _sqlite_creation_lock(uri: str) -> Iterator[None]:
+    """Serialise the first use of a SQLite store across processes: MLflow creates and migrates
+    the schema on first use, and two experiments starting together would race on it."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_experiment(retries: int = 3) -> str:
     """Point MLflow at the tracking URI and return the experiment id, creating it once.
 
     Fails with one clear error when the tracking server cannot be reached."""
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
     for attempt in range(retries):
         try:
-            exp = client.get_experiment_by_name(EXPERIMENT)
-            if exp is not None:
-                return exp.experiment_id
-            return client.create_experiment(EXPERIMENT)
-        except Exception as e:  # a concurrent create, a locked database, or no server
+            with _sqlite_creation_lock(uri):
+                client = MlflowClient(uri)
+                exp = client.get_experiment_by_name(EXPERIMENT)
+                return exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
+        except Exception as e:  # no server, or a database we cannot open
             last = e
             time.sleep(0.5 * (attempt + 1))
     raise TrackingError(
