@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -37,8 +38,9 @@ DEFAULT_SHAPES = [(b * h * w, cin * 9, cout) for b, cin, h, w, cout in DEFAULT_C
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
-                     warmup: int) -> dict[str, float]:
-    """Median wall seconds per call of each fn; one call of each per round, rotating order."""
+                     warmup: int) -> dict[str, tuple[float, float]]:
+    """(median, min) wall seconds per call of each fn; one call of each per round, rotating
+    order. The min is the least disturbed run when other processes share the cores."""
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(warmup + repeats):
@@ -47,7 +49,20 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
             fns[name]()
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(ts)) for name, ts in times.items()}
+    return {name: (float(np.median(ts)), float(np.min(ts))) for name, ts in times.items()}
+
+
+def _summary(t: dict[str, tuple[float, float]], base: str, names: list[str]) -> dict:
+    """ms per method (median and min) and speedups of each name over `base`."""
+    out = {}
+    for name in [base, *names]:
+        key = name.replace("+", "_")
+        out[f"{key}_ms"], out[f"{key}_min_ms"] = 1e3 * t[name][0], 1e3 * t[name][1]
+    for name in names:
+        key = name.replace("+", "_")
+        out[f"speedup_{key}"] = t[base][0] / t[name][0]
+        out[f"speedup_{key}_min"] = t[base][1] / t[name][1]
+    return out
 
 
 def bench_gemm(n: int, k: int, m: int, repeats: int, warmup: int, seed: int = 0) -> dict:
@@ -63,9 +78,7 @@ def bench_gemm(n: int, k: int, m: int, repeats: int, warmup: int, seed: int = 0)
         "gemm": lambda: cpu.binary_gemm(a_packed, w_packed, k),
         "pack+gemm": lambda: cpu.binary_gemm(cpu.pack_rows(a_np), w_packed, k),
     }, repeats, warmup)
-    return {"n": n, "k": k, "m": m, "torch_ms": 1e3 * t["torch"], "gemm_ms": 1e3 * t["gemm"],
-            "pack_gemm_ms": 1e3 * t["pack+gemm"], "speedup_gemm": t["torch"] / t["gemm"],
-            "speedup_pack_gemm": t["torch"] / t["pack+gemm"], "exact": exact}
+    return {"n": n, "k": k, "m": m, **_summary(t, "torch", ["gemm", "pack+gemm"]), "exact": exact}
 
 
 def bench_conv(b: int, cin: int, h: int, w: int, cout: int, repeats: int, warmup: int,
@@ -80,20 +93,21 @@ def bench_conv(b: int, cin: int, h: int, w: int, cout: int, repeats: int, warmup
         "torch": lambda: F.conv2d(xb, wt),
         "packed": lambda: cpu.binary_conv2d(x_np, pw, 1, 1),
     }, repeats, warmup)
-    return {"b": b, "cin": cin, "h": h, "w": w, "cout": cout, "torch_ms": 1e3 * t["torch"],
-            "packed_ms": 1e3 * t["packed"], "speedup": t["torch"] / t["packed"], "exact": exact}
+    return {"b": b, "cin": cin, "h": h, "w": w, "cout": cout,
+            **_summary(t, "torch", ["packed"]), "exact": exact}
 
 
 def run(shapes: list[tuple[int, int, int]] = DEFAULT_SHAPES, threads: int = 2,
         repeats: int = 15, warmup: int = 3, convs: list[tuple[int, ...]] | None = None) -> dict:
     torch.set_num_threads(threads)
     numba.set_num_threads(threads)
+    load = os.getloadavg()[0]  # other processes on the same cores disturb the timings
     gemm = [bench_gemm(n, k, m, repeats, warmup) for n, k, m in shapes]
     conv = [bench_conv(*c, repeats, warmup) for c in convs or []]
     return {
         "threads": threads, "repeats": repeats, "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__, "numba": numba.__version__,
-        "numba_threading_layer": numba.threading_layer(),
+        "numba_threading_layer": numba.threading_layer(), "load_avg_1min_before": load,
         "min_speedup_gemm": min(r["speedup_gemm"] for r in gemm),
         "min_speedup_pack_gemm": min(r["speedup_pack_gemm"] for r in gemm),
         "gemm": gemm, "conv": conv,
@@ -101,20 +115,26 @@ def run(shapes: list[tuple[int, int, int]] = DEFAULT_SHAPES, threads: int = 2,
 
 
 def format_table(result: dict) -> str:
-    lines = [f"binary GEMM, {result['threads']} threads (median of {result['repeats']}; ms)",
+    """Median ms per method and speedup over torch; min-based speedup in brackets."""
+    lines = [f"binary GEMM, {result['threads']} threads, median of {result['repeats']} (ms); "
+             f"speedup over torch float32 [from min times]; load before "
+             f"{result['load_avg_1min_before']:.2f}",
              f"{'N':>7} {'K':>5} {'M':>4} | {'torch f32':>9} {'gemm':>7} {'pack+gemm':>9} | "
-             f"{'x gemm':>6} {'x p+g':>6} exact"]
+             f"{'x gemm':>13} {'x pack+gemm':>13} exact"]
     for r in result["gemm"]:
         lines.append(f"{r['n']:>7} {r['k']:>5} {r['m']:>4} | {r['torch_ms']:>9.2f} "
                      f"{r['gemm_ms']:>7.3f} {r['pack_gemm_ms']:>9.3f} | "
-                     f"{r['speedup_gemm']:>6.1f} {r['speedup_pack_gemm']:>6.1f} {r['exact']}")
+                     f"{r['speedup_gemm']:>5.1f} [{r['speedup_gemm_min']:>5.1f}] "
+                     f"{r['speedup_pack_gemm']:>5.1f} [{r['speedup_pack_gemm_min']:>5.1f}] "
+                     f"{r['exact']}")
     if result["conv"]:
-        lines.append("binary conv 3x3 pad 1 (x float32 NCHW -> int32), vs F.conv2d float32")
-        lines.append(f"{'B,Cin,H,W,Cout':>20} | {'torch':>7} {'packed':>7} | {'x':>5} exact")
+        lines.append("binary conv 3x3 pad 1 (x float32 NCHW -> int32) vs F.conv2d float32")
+        lines.append(f"{'B,Cin,H,W,Cout':>18} | {'torch':>7} {'packed':>7} | {'x':>13} exact")
         for r in result["conv"]:
             shape = f"{r['b']},{r['cin']},{r['h']},{r['w']},{r['cout']}"
-            lines.append(f"{shape:>20} | {r['torch_ms']:>7.2f} {r['packed_ms']:>7.3f} | "
-                         f"{r['speedup']:>5.1f} {r['exact']}")
+            lines.append(f"{shape:>18} | {r['torch_ms']:>7.2f} {r['packed_ms']:>7.3f} | "
+                         f"{r['speedup_packed']:>5.1f} [{r['speedup_packed_min']:>5.1f}] "
+                         f"{r['exact']}")
     return "\n".join(lines)
 
 

@@ -118,29 +118,37 @@ def _im2col_packed(xc, c, kh, kw, stride, pad):
 # ---------------------------------------------------------------------------- GEMM
 
 
-@njit(parallel=True, cache=True)
-def _gemm(a, w, k):
+@njit(inline="always")
+def _mismatch_counts(a, w, r0, acc):
+    """acc (ROWS, M) = popcount(a[r0 + rr] ^ w[:, j]) summed over words, rows r0..r0+3."""
     n, kwords = a.shape
     m = w.shape[1]
+    acc[:] = 0
+    if r0 + ROWS <= n:
+        for q in range(kwords):
+            a0, a1, a2, a3 = a[r0, q], a[r0 + 1, q], a[r0 + 2, q], a[r0 + 3, q]
+            for j in range(m):  # vectorised over M
+                wq = w[q, j]
+                acc[0, j] += popcount64(a0 ^ wq)
+                acc[1, j] += popcount64(a1 ^ wq)
+                acc[2, j] += popcount64(a2 ^ wq)
+                acc[3, j] += popcount64(a3 ^ wq)
+    else:
+        for rr in range(n - r0):
+            for q in range(kwords):
+                aq = a[r0 + rr, q]
+                for j in range(m):
+                    acc[rr, j] += popcount64(aq ^ w[q, j])
+
+
+@njit(parallel=True, cache=True)
+def _gemm(a, w, k):
+    n, m = a.shape[0], w.shape[1]
     out = np.empty((n, m), np.int32)  # (N, M)
     for blk in prange((n + ROWS - 1) // ROWS):
         r0 = blk * ROWS
-        acc = np.zeros((ROWS, m), np.int32)  # mismatch counts of rows r0..r0+3
-        if r0 + ROWS <= n:
-            for q in range(kwords):
-                a0, a1, a2, a3 = a[r0, q], a[r0 + 1, q], a[r0 + 2, q], a[r0 + 3, q]
-                for j in range(m):
-                    wq = w[q, j]
-                    acc[0, j] += popcount64(a0 ^ wq)
-                    acc[1, j] += popcount64(a1 ^ wq)
-                    acc[2, j] += popcount64(a2 ^ wq)
-                    acc[3, j] += popcount64(a3 ^ wq)
-        else:
-            for rr in range(n - r0):
-                for q in range(kwords):
-                    aq = a[r0 + rr, q]
-                    for j in range(m):
-                        acc[rr, j] += popcount64(aq ^ w[q, j])
+        acc = np.empty((ROWS, m), np.int32)
+        _mismatch_counts(a, w, r0, acc)
         for rr in range(min(ROWS, n - r0)):
             for j in range(m):
                 out[r0 + rr, j] = k - 2 * acc[rr, j]
@@ -149,19 +157,17 @@ def _gemm(a, w, k):
 
 @njit(parallel=True, cache=True)
 def _gemm_sign(a, w, k, s, t):
-    """GEMM + folded BatchNorm/sign: bit j of the output row = (s[j] * acc[j] >= t[j])."""
-    n, kwords = a.shape
-    m = w.shape[1]
+    """GEMM + folded BatchNorm/sign: bit j of an output row = (s[j] * acc[j] >= t[j])."""
+    n, m = a.shape[0], w.shape[1]
     out = np.zeros((n, (m + 63) // 64), np.uint64)  # (N, M_words) packed channels
-    for r in prange(n):
-        acc = np.zeros(m, np.int32)
-        for q in range(kwords):
-            aq = a[r, q]
+    for blk in prange((n + ROWS - 1) // ROWS):
+        r0 = blk * ROWS
+        acc = np.empty((ROWS, m), np.int32)
+        _mismatch_counts(a, w, r0, acc)
+        for rr in range(min(ROWS, n - r0)):
             for j in range(m):
-                acc[j] += popcount64(aq ^ w[q, j])
-        for j in range(m):
-            hit = np.int64(s[j]) * (k - 2 * acc[j]) >= t[j]
-            out[r, j // 64] |= np.uint64(hit) << np.uint64(j % 64)
+                hit = s[j] * (k - 2 * acc[rr, j]) >= t[j]
+                out[r0 + rr, j // 64] |= np.uint64(hit) << np.uint64(j % 64)
     return out
 
 
@@ -227,6 +233,21 @@ def binary_gemm_sign(a_packed: np.ndarray, w_packed: np.ndarray, k: int, s: Arra
     return _gemm_sign(np.ascontiguousarray(a_packed), np.ascontiguousarray(w_packed), k, s64, t64)
 
 
+def _conv_cols(x: Array, w: Array | PackedConvWeight, stride: int,
+               padding: int) -> tuple[np.ndarray, PackedConvWeight, tuple[int, int, int]]:
+    """Packed im2col rows (B * OH * OW, K_words), the packed weight and (B, OH, OW)."""
+    pw = w if isinstance(w, PackedConvWeight) else pack_conv_weight(w)
+    xn = as_numpy(x)
+    xc = xn if xn.dtype == np.uint64 else pack_channels(xn)  # (B, H, W, Cin_words)
+    if xc.shape[3] != n_words(pw.in_channels):
+        raise ValueError(f"input has {xc.shape[3]} channel words, weight Cin={pw.in_channels}")
+    b, h, wd, _ = xc.shape
+    oh = (h + 2 * padding - pw.kh) // stride + 1
+    ow = (wd + 2 * padding - pw.kw) // stride + 1
+    cols = _im2col_packed(xc, pw.in_channels, pw.kh, pw.kw, stride, padding)
+    return cols, pw, (b, oh, ow)
+
+
 def binary_conv2d(x: Array, w: Array | PackedConvWeight, stride: int = 1,
                   padding: int = 0) -> np.ndarray:
     """Binary conv, sign(x) padded with +1 -> (B, Cout, OH, OW) int32.
@@ -236,14 +257,15 @@ def binary_conv2d(x: Array, w: Array | PackedConvWeight, stride: int = 1,
     w: (Cout, Cin, kh, kw) ±1 or a `PackedConvWeight` (pack once, reuse).
     The result has NCHW shape with channels-last strides (a view of the (B, OH, OW, Cout)
     GEMM output, like torch.channels_last); np.ascontiguousarray makes it NCHW-contiguous."""
-    pw = w if isinstance(w, PackedConvWeight) else pack_conv_weight(w)
-    xn = as_numpy(x)
-    xc = xn if xn.dtype == np.uint64 else pack_channels(xn)  # (B, H, W, Cin_words)
-    if xc.shape[3] != n_words(pw.in_channels):
-        raise ValueError(f"input has {xc.shape[3]} channel words, weight Cin={pw.in_channels}")
-    b, h, wd, _ = xc.shape
-    oh = (h + 2 * padding - pw.kh) // stride + 1
-    ow = (wd + 2 * padding - pw.kw) // stride + 1
-    cols = _im2col_packed(xc, pw.in_channels, pw.kh, pw.kw, stride, padding)  # (B*OH*OW, Kw)
-    out = binary_gemm(cols, pw.words, pw.kh * pw.kw * pw.in_channels)  # (B*OH*OW, Cout)
+    cols, pw, (b, oh, ow) = _conv_cols(x, w, stride, padding)  # (B*OH*OW, K_words)
+    out = _gemm(cols, pw.words, pw.kh * pw.kw * pw.in_channels)  # (B*OH*OW, Cout)
     return out.reshape(b, oh, ow, -1).transpose(0, 3, 1, 2)  # (B, Cout, OH, OW)
+
+
+def binary_conv2d_sign(x: Array, w: Array | PackedConvWeight, s: Array, t: Array,
+                       stride: int = 1, padding: int = 0) -> np.ndarray:
+    """Binary conv + folded BatchNorm + sign (`reference.fold_bn_sign`) -> packed channels-last
+    (B, OH, OW, Cout_words) uint64, bit = (s * acc >= t); the next `binary_conv2d` input."""
+    cols, pw, (b, oh, ow) = _conv_cols(x, w, stride, padding)
+    k = pw.kh * pw.kw * pw.in_channels
+    return binary_gemm_sign(cols, pw.words, k, s, t).reshape(b, oh, ow, -1)
