@@ -91,10 +91,23 @@ def test_parity_failure_is_reported_and_raised(pruned, test_split):
     other = trained_like(PRUNED_CHANNELS)
     with torch.no_grad():
         other.classifier.bias.add_(torch.arange(10.0))  # a different model, same contract
-    result = export.parity(other, export.session(path), test_split, CARD, tolerance=1e-4)
+    result = export.parity(other, export.session(path), test_split, CARD, tolerance=1e-4,
+                           max_outlier_fraction=1.0)
     assert not result["passed"] and result["max_abs_logit_diff"] > 1e-4
+    assert result["images_over_tolerance"] == len(test_split)
+    # a different model is not explained by rounding ties at the sign threshold
+    assert result["images_over_tolerance_at_sign_threshold"] < len(test_split) / 4
     with pytest.raises(export.ExportError, match="does not match torch"):
         export.require_parity({"models": {"pruned": {"parity": result}}})
+
+
+def test_sign_threshold_ties_are_detected(test_split):
+    model = trained_like(PRUNED_CHANNELS)
+    assert export.near_threshold(model, CARD, test_split.images).mean() < 0.1
+    with torch.no_grad():  # the stem's BN outputs exactly 0: every first binary input is a tie
+        model.blocks[0].bn.weight.zero_()
+        model.blocks[0].bn.bias.zero_()
+    assert export.near_threshold(model, CARD, test_split.images).all()
 
 
 def _renamed_input(src: Path, dst: Path) -> Path:

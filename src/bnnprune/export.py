@@ -23,6 +23,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from bnnprune.binary import binary_layers
 from bnnprune.config import ExportConfig
 from bnnprune.data import Split
 from bnnprune.files import write_atomic
@@ -168,18 +169,47 @@ def run_torch(model: BNN, card: dict, images: torch.Tensor, batch_size: int = 50
                       for i in range(0, len(images), batch_size)]).numpy()
 
 
+@torch.no_grad()
+def near_threshold(model: BNN, card: dict, images: torch.Tensor, eps: float = 1e-5) -> np.ndarray:
+    """Per image: does any binary layer see an input within `eps` of its sign threshold (0)?
+    There float32 rounding order (torch vs onnxruntime kernels) decides the sign, so a logit
+    difference on such an image is a tie, not an export bug."""
+    found = torch.zeros(len(images), dtype=torch.bool)
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        found.logical_or_(inputs[0].abs().flatten(1).min(1).values < eps)
+
+    handles = [m.register_forward_hook(hook) for m in binary_layers(model).values()]
+    try:
+        run_torch(model, card, images)
+    finally:
+        for h in handles:
+            h.remove()
+    return found.numpy()
+
+
 def parity(model: BNN, sess: ort.InferenceSession, split: Split, card: dict,
-           tolerance: float) -> dict[str, Any]:
-    """onnxruntime vs torch on a whole split: predictions must be identical and every logit
-    within `tolerance`."""
+           tolerance: float, max_outlier_fraction: float = 0.0) -> dict[str, Any]:
+    """onnxruntime vs torch on a whole split. Passes when every prediction is identical and
+    every image's logits are within `tolerance`, except at most `max_outlier_fraction` of the
+    images, each of which must have a binary input on the sign threshold (see near_threshold)."""
     ref = run_torch(model, card, split.images)
     got = run_onnx(sess, split.images)
     labels = split.labels.numpy()
     mismatches = int((ref.argmax(1) != got.argmax(1)).sum())
-    max_diff = float(np.abs(ref - got).max())
+    per_image = np.abs(ref - got).max(1)  # (N,)
+    outliers = np.flatnonzero(per_image > tolerance)
+    ties = near_threshold(model, card, split.images[torch.from_numpy(outliers)]) \
+        if len(outliers) else np.zeros(0, dtype=bool)
+    unexplained = int((~ties).sum())
     return {"images": len(split), "prediction_mismatches": mismatches,
-            "max_abs_logit_diff": max_diff, "tolerance": tolerance,
-            "passed": mismatches == 0 and max_diff <= tolerance,
+            "max_abs_logit_diff": float(per_image.max()),
+            "p999_abs_logit_diff": float(np.quantile(per_image, 0.999)),
+            "tolerance": tolerance, "images_over_tolerance": len(outliers),
+            "images_over_tolerance_at_sign_threshold": int(ties.sum()),
+            "outlier_images": outliers[:20].tolist(),
+            "passed": (mismatches == 0 and unexplained == 0
+                       and len(outliers) <= max_outlier_fraction * len(split)),
             "test_acc_torch": float((ref.argmax(1) == labels).mean()),
             "test_acc_onnx": float((got.argmax(1) == labels).mean())}
 
@@ -219,7 +249,7 @@ def export_and_check(models: dict[str, tuple[BNN, str | Path]], test: Split, car
         sessions[name] = session(path, cfg.threads)
         result["models"][name] = {"path": str(path), "size_bytes": Path(path).stat().st_size,
                                   "parity": parity(model, sessions[name], test, card,
-                                                   cfg.tolerance)}
+                                                   cfg.tolerance, cfg.max_outlier_fraction)}
     times = latency(sessions, test.images, cfg.latency_batch_sizes, cfg.latency_repeats)
     for name in models:
         result["models"][name]["latency_ms"] = times[name]
@@ -252,7 +282,9 @@ def require_parity(result: dict[str, Any]) -> None:
     failed = {name: m["parity"] for name, m in result["models"].items()
               if not m["parity"]["passed"]}
     if failed:
-        lines = [f"{name}: {p['prediction_mismatches']} of {p['images']} predictions differ, "
-                 f"max |logit diff| {p['max_abs_logit_diff']:.3g} (tolerance {p['tolerance']})"
-                 for name, p in failed.items()]
+        lines = [f"{name}: {p['prediction_mismatches']} of {p['images']} predictions differ; "
+                 f"{p['images_over_tolerance']} images have a logit off by more than "
+                 f"{p['tolerance']} (max {p['max_abs_logit_diff']:.3g}), "
+                 f"{p['images_over_tolerance_at_sign_threshold']} of them explained by a binary "
+                 f"input on the sign threshold" for name, p in failed.items()]
         raise ExportError("onnxruntime does not match torch: " + "; ".join(lines))

@@ -165,9 +165,10 @@ def build_summary(inputs: dict[str, Any]) -> dict[str, Any]:
         "criteria": criteria,
         "criteria_winner": best,
         "layers": layers,
-        "onnx_parity": {name: {k: p[k] for k in ("images", "prediction_mismatches",
-                                                 "max_abs_logit_diff", "passed")}
-                        for name, p in parity.items()},
+        "onnx_parity": {name: {k: p.get(k) for k in (
+            "images", "prediction_mismatches", "max_abs_logit_diff", "tolerance",
+            "images_over_tolerance", "images_over_tolerance_at_sign_threshold", "passed")}
+            for name, p in parity.items()},
     }
 
 
@@ -232,8 +233,11 @@ def markdown(s: dict[str, Any]) -> str:
     lines += ["", "## ONNX (onnxruntime vs torch)", ""]
     for name, r in s["onnx_parity"].items():
         lines.append(f"- {name}: {r['prediction_mismatches']} of {r['images']} predictions "
-                     f"differ, max |logit diff| {r['max_abs_logit_diff']:.2e} "
-                     f"({'passed' if r['passed'] else 'FAILED'})")
+                     f"differ; {r['images_over_tolerance']} images have a logit off by more "
+                     f"than {r['tolerance']:g} ({r['images_over_tolerance_at_sign_threshold']} "
+                     f"of them with a binary input on the sign threshold, where float rounding "
+                     f"order decides the sign); max |logit diff| {r['max_abs_logit_diff']:.2e}"
+                     f": {'passed' if r['passed'] else 'FAILED'}")
     lines += ["", "## Plots", ""] + [f"![{k}](plots/{Path(v).name})" for k, v in PLOTS.items()]
     return "\n".join(lines) + "\n"
 
