@@ -33,15 +33,16 @@ def test_step_granularity_counts_every_sign_change_in_the_window_only():
     set_weights(model, INITIAL)
     counter = FlipCounter(model, "step")
     set_weights(model, STEPS[0])
-    counter.step()  # outside the window: not counted, but becomes the reference
+    counter.step()  # an epoch outside the window: not counted, but becomes the reference
+    assert counter.end_epoch()["fc"] == pytest.approx(1 / 3)
     counter.active = True
     for values in STEPS[1:]:
         set_weights(model, values)
         counter.step()
+    ratios = counter.end_epoch()
     assert counter.counts["fc"].tolist() == [[1, 2, 1]]
     assert counter.observations == 3
-    ratios = counter.end_epoch()
-    assert ratios["fc"] == pytest.approx(5 / (3 * 4))  # 5 flips over 4 observations of 3 weights
+    assert ratios["fc"] == pytest.approx(4 / (3 * 3))  # 4 flips over 3 observations of 3 weights
 
 
 def test_epoch_granularity_sees_only_end_of_epoch_snapshots():
@@ -68,11 +69,14 @@ def test_state_dict_roundtrip_continues_counting():
     counter.active = True
     set_weights(model, STEPS[0])
     counter.step()
+    counter.end_epoch()
     clone = FlipCounter(model, "step")
     clone.load_state_dict(counter.state_dict())
     set_weights(model, STEPS[1])
     clone.step()
+    clone.end_epoch()
     assert clone.counts["fc"].tolist() == [[2, 1, 0]]
+    assert clone.observations == 2
 
 
 def test_flips_file_must_match_the_model(tmp_path):

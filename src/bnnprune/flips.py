@@ -15,8 +15,9 @@ class FlipCounter:
     """Counts, per binary weight, changes of sign(w) between consecutive observations.
 
     Observations happen after every optimizer step (`granularity="step"`) or at every epoch
-    end (`"epoch"`). Counts accumulate only while `active` (the pruning interval); the
-    per-epoch flip ratio of each layer (flips / (weights * observations)) is kept always.
+    end (`"epoch"`). Flips are summed per epoch and added to the counts at the end of epochs
+    that are `active` (the pruning interval); the per-epoch flip ratio of each layer
+    (flips / (weights * observations)) is kept for every epoch.
     """
 
     def __init__(self, model: nn.Module, granularity: str = "step"):
@@ -28,33 +29,34 @@ class FlipCounter:
         self.counts = {n: torch.zeros_like(p, dtype=torch.int32) for n, p in self.prev.items()}
         self.observations = 0
         self.active = False
-        self._epoch_flips = {n: 0 for n in self.layers}
+        self._epoch = {n: torch.zeros_like(c) for n, c in self.counts.items()}
         self._epoch_obs = 0
 
     @torch.no_grad()
     def observe(self) -> None:
         for n, m in self.layers.items():
             cur = m.weight.detach() >= 0
-            flipped = cur != self.prev[n]
+            self._epoch[n] += cur != self.prev[n]
             self.prev[n] = cur
-            self._epoch_flips[n] += int(flipped.sum())
-            if self.active:
-                self.counts[n] += flipped
         self._epoch_obs += 1
-        if self.active:
-            self.observations += 1
 
     def step(self) -> None:
         if self.granularity == "step":
             self.observe()
 
     def end_epoch(self) -> dict[str, float]:
-        """Close an epoch; returns each layer's mean flip ratio per observation in it."""
+        """Close an epoch: add its flips to the counts if in the interval, and return each
+        layer's mean flip ratio per observation in the epoch."""
         if self.granularity == "epoch":
             self.observe()
         obs = max(self._epoch_obs, 1)
-        ratios = {n: self._epoch_flips[n] / (self.prev[n].numel() * obs) for n in self.layers}
-        self._epoch_flips = {n: 0 for n in self.layers}
+        ratios = {n: int(e.sum()) / (e.numel() * obs) for n, e in self._epoch.items()}
+        if self.active:
+            for n, e in self._epoch.items():
+                self.counts[n] += e
+            self.observations += self._epoch_obs
+        for e in self._epoch.values():
+            e.zero_()
         self._epoch_obs = 0
         return ratios
 
