@@ -5,7 +5,6 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
-FMNIST := /usr/share/datasets/fashion-mnist
 export PATH := $(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 
@@ -20,15 +19,16 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Fashion-MNIST comes from Debian's dataset-fashion-mnist; skipped when params.yaml sets
-# data.root or another dataset.
-data:
-	@if grep -Eq '^\s+root:\s*[^[:space:]#n]' params.yaml || ! grep -Eq '^\s+dataset:\s*fashion-mnist' params.yaml \
-	  || test -f $(FMNIST)/train-images-idx3-ubyte.gz; then exit 0; fi; \
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist, installed when params.yaml needs it
+# and it is missing (as root or with password-less sudo); otherwise a message says what to do.
+data: install
+	@pkg=$$($(BIN)/python -c "from bnnprune.config import load_params; \
+	from bnnprune.data import missing_debian_package as m; print(m(load_params().data) or '')") \
+	|| exit 1; [ -z "$$pkg" ] && exit 0; \
 	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
-	else echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist', or put the four IDX files (train-images-idx3-ubyte.gz, ...) in a folder and set data.root in params.yaml" >&2; exit 1; fi; \
-	echo "installing Debian package dataset-fashion-mnist"; \
-	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+	else echo "Fashion-MNIST is missing: run 'sudo apt-get install $$pkg', or put the four IDX files (train-images-idx3-ubyte.gz, ...) in a folder and set data.root in params.yaml" >&2; exit 1; fi; \
+	echo "installing Debian package $$pkg"; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$pkg >/dev/null
 
 repro: install data
 	dvc repro

@@ -110,3 +110,15 @@ def test_synthetic_is_deterministic(tmp_path):
     a = prepare(cfg, tmp_path / "a")
     b = prepare(cfg, tmp_path / "b")
     assert a["sizes"] == {"train": 50, "val": 10, "test": 20} and a["mean"] == b["mean"]
+
+
+def test_missing_debian_package_only_when_the_default_folder_is_needed(monkeypatch, tmp_path,
+                                                                       idx_root):
+    import bnnprune.data as data
+
+    monkeypatch.setitem(data.DEFAULT_ROOTS, "fashion-mnist", str(tmp_path / "absent"))
+    assert data.missing_debian_package(DataConfig()) == "dataset-fashion-mnist"
+    assert data.missing_debian_package(DataConfig(root=str(idx_root))) is None
+    assert data.missing_debian_package(DataConfig(dataset="synthetic")) is None
+    monkeypatch.setitem(data.DEFAULT_ROOTS, "fashion-mnist", str(idx_root))
+    assert data.missing_debian_package(DataConfig()) is None

@@ -195,6 +195,15 @@ def load_source(cfg: DataConfig) -> tuple[Split, Split, dict[str, str]]:
     return load_idx_dataset(root)
 
 
+def missing_debian_package(cfg: DataConfig) -> str | None:
+    """The Debian package to install when the configured dataset relies on it and it is absent."""
+    if cfg.dataset != "fashion-mnist" or cfg.root is not None:
+        return None
+    root = Path(DEFAULT_ROOTS["fashion-mnist"])
+    return None if (root / (IDX_FILES["train_images"] + ".gz")).is_file() \
+        else "dataset-fashion-mnist"
+
+
 def split_train_val(train: Split, cfg: DataConfig) -> tuple[Split, Split]:
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(train), generator=g)
