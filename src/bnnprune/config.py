@@ -61,7 +61,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class PruneConfig:
     criterion: Literal["flip", "latent", "random"] = "flip"
-    tau: float = field(default=20.0, metadata=_range(0.0))  # insensitive: flip count > tau
+    tau: float = field(default=2.0, metadata=_range(0.0))  # insensitive: flip count > tau
     min_channels: int = field(default=8, metadata=_range(1))
     target_bop_reduction: float | None = field(default=None,
                                                metadata=_range(0.0, 1.0, False, True))
