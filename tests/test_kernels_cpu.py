@@ -1,5 +1,6 @@
 """CPU (numba) binary kernels: exact against the plain torch reference."""
 
+import json
 import platform
 
 import numba
@@ -67,7 +68,7 @@ def test_padding_invariance():
     base = cpu.binary_gemm(ap, wp, k)
     a_wide = np.concatenate([ap, np.zeros((11, 2), np.uint64)], axis=1)
     w_wide = np.concatenate([wp, np.zeros((2, 6), np.uint64)], axis=0)
-    assert (cpu._gemm(a_wide, w_wide, k) == base).all()
+    assert (cpu._gemm(a_wide, w_wide, k, np.empty((11, 6), np.int32)) == base).all()
     # appending equal values to both (here +1) adds exactly the number of appended columns
     a2, w2 = F.pad(a, (0, 5), value=1.0), F.pad(w, (0, 5), value=1.0)
     assert (cpu.binary_gemm(cpu.pack_rows(a2), cpu.pack_weight(w2), k + 5) == base + 5).all()
@@ -168,3 +169,36 @@ def test_conv_sign_chain():
     assert (torch.from_numpy(unpack_pm1(bits, 70)) == h1).all()
     want = ref.binary_conv2d_ref(h1.permute(0, 3, 1, 2).float(), w2, 1, 1)
     assert (cpu.binary_conv2d(bits, w2, 1, 1) == want.numpy()).all()
+
+
+def test_out_buffers_are_reused_and_fully_overwritten():
+    x, wt = rand(2, 70, 5, 4, seed=25), rand(6, 70, 3, 3, seed=26)
+    s, t = ref.fold_bn_sign(rand(6, seed=27), rand(6, seed=28), rand(6, seed=29), torch.ones(6))
+    xc, pw, k = cpu.pack_channels(x), cpu.pack_conv_weight(wt), 9 * 70
+    cols = cpu.im2col_packed(xc, 70, 3, 3, 2, 1)
+    acc = cpu.binary_gemm(cols, pw.words, k)
+    bits = cpu.binary_gemm_sign(cols, pw.words, k, s, t)
+    dirty = np.uint64(0xFFFFFFFFFFFFFFFF)
+    cols_buf, bits_buf = np.full_like(cols, dirty), np.full_like(bits, dirty)
+    acc_buf = np.full_like(acc, 7)
+    assert cpu.im2col_packed(xc, 70, 3, 3, 2, 1, out=cols_buf) is cols_buf
+    assert (cols_buf == cols).all()
+    assert (cpu.binary_gemm(cols, pw.words, k, out=acc_buf) == acc).all()
+    assert (cpu.binary_gemm_sign(cols, pw.words, k, s, t, out=bits_buf) == bits).all()
+    rows = x.reshape(10, -1)  # (10, 280): 5 words
+    assert (cpu.pack_rows(rows, out=np.full((10, 5), dirty)) == pack_pm1(rows)).all()
+    with pytest.raises(ValueError):
+        cpu.binary_gemm(cols, pw.words, k, out=np.empty((3, 3), np.int32))
+
+
+def test_bench_kernels_smoke(tmp_path):
+    from bnnprune import bench_kernels
+
+    out = tmp_path / "bench.json"
+    result = bench_kernels.main(["--threads", "1", "--shapes", "37x33x5,8x64x3", "--repeats", "2",
+                                 "--warmup", "1", "--out", str(out)])
+    assert [(r["n"], r["k"], r["m"]) for r in result["gemm"]] == [(37, 33, 5), (8, 64, 3)]
+    assert all(r["exact"] and r["speedup_gemm"] > 0 for r in result["gemm"])
+    assert json.loads(out.read_text())["threads"] == 1
+    conv = bench_kernels.run([(4, 9, 2)], threads=1, repeats=1, warmup=0, convs=[(1, 3, 5, 5, 4)])
+    assert conv["conv"][0]["exact"]

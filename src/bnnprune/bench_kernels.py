@@ -9,8 +9,10 @@ median wall time is reported; torch and numba use the same thread count.
   torch      torch.matmul(A, W^T), A (N, K) and W^T (K, M) float32 ±1
   gemm       cpu.binary_gemm on packed A (weights packed once, as at inference)
   pack+gemm  cpu.pack_rows(A float32) + cpu.binary_gemm: includes packing the activations
-With --conv, whole binary convolutions of the default network are also timed:
-  cpu.binary_conv2d(x float32 NCHW, packed weight) vs F.conv2d(x, w) float32 (oneDNN).
+(output buffers are preallocated for all three, so the allocator's page faults are not timed).
+With --conv, whole binary convolutions of the default network are also timed, each side
+allocating its outputs: cpu.binary_conv2d(x float32 NCHW, packed weight) (pack channels +
+packed im2col + GEMM) vs F.conv2d(sign(x) padded, w) float32 (oneDNN).
 """
 
 from __future__ import annotations
@@ -73,10 +75,13 @@ def bench_gemm(n: int, k: int, m: int, repeats: int, warmup: int, seed: int = 0)
     a_np = a.numpy()
     a_packed, w_packed = cpu.pack_rows(a_np), cpu.pack_weight(w)
     exact = bool((cpu.binary_gemm(a_packed, w_packed, k) == torch.matmul(a, wt).numpy()).all())
+    t_out, g_out = torch.empty(n, m), np.empty((n, m), np.int32)  # outputs reused by both
+    p_out = np.empty_like(a_packed)
     t = time_interleaved({
-        "torch": lambda: torch.matmul(a, wt),
-        "gemm": lambda: cpu.binary_gemm(a_packed, w_packed, k),
-        "pack+gemm": lambda: cpu.binary_gemm(cpu.pack_rows(a_np), w_packed, k),
+        "torch": lambda: torch.matmul(a, wt, out=t_out),
+        "gemm": lambda: cpu.binary_gemm(a_packed, w_packed, k, out=g_out),
+        "pack+gemm": lambda: cpu.binary_gemm(cpu.pack_rows(a_np, out=p_out), w_packed, k,
+                                             out=g_out),
     }, repeats, warmup)
     return {"n": n, "k": k, "m": m, **_summary(t, "torch", ["gemm", "pack+gemm"]), "exact": exact}
 

@@ -43,10 +43,9 @@ def tail_mask(nbits):
 
 
 @njit(parallel=True, cache=True)
-def _pack_rows(x):
-    n, k = x.shape
+def _pack_rows(x, out):
+    n, k = x.shape  # out (N, K_words)
     kw_full = k // 64
-    out = np.zeros((n, (k + 63) // 64), np.uint64)  # (N, K_words)
     for r in prange(n):
         row = x[r]
         for w in range(kw_full):  # fixed trip count of 64: vectorises
@@ -81,8 +80,8 @@ def _pack_channels_nchw(x):
 
 
 @njit(parallel=True, cache=True)
-def _im2col_packed(xc, c, kh, kw, stride, pad):
-    """Packed channels-last (B, H, W, C_words) -> (B * OH * OW, K_words), K = kh * kw * C.
+def _im2col_packed(xc, c, kh, kw, stride, pad, out):
+    """Packed channels-last (B, H, W, C_words) -> out (B * OH * OW, K_words), K = kh*kw*C.
 
     Tap t = i * kw + j contributes the pixel's C channel bits at bit offset t * C (all ones
     outside the image: the pad value is +1), so no bit is wasted between taps. The offset
@@ -90,13 +89,12 @@ def _im2col_packed(xc, c, kh, kw, stride, pad):
     b, h, w, cw = xc.shape
     oh = (h + 2 * pad - kh) // stride + 1
     ow = (w + 2 * pad - kw) // stride + 1
-    kwords = (kh * kw * c + 63) // 64
     ones = np.full(cw, ALL_ONES)  # the +1 padding pixel
     ones[cw - 1] = tail_mask(c - 64 * (cw - 1))
-    out = np.zeros((b * oh * ow, kwords), np.uint64)
     for bo in prange(b * oh):
         bi, oy = bo // oh, bo % oh
         rows = out[bo * ow:(bo + 1) * ow]  # (OW, K_words) of this output row
+        rows[:, :] = 0
         for i in range(kh):
             iy = oy * stride + i - pad
             row_inside = 0 <= iy < h
@@ -142,9 +140,8 @@ def _mismatch_counts(a, w, r0, acc):
 
 
 @njit(parallel=True, cache=True)
-def _gemm(a, w, k):
-    n, m = a.shape[0], w.shape[1]
-    out = np.empty((n, m), np.int32)  # (N, M)
+def _gemm(a, w, k, out):
+    n, m = a.shape[0], w.shape[1]  # out (N, M) int32
     for blk in prange((n + ROWS - 1) // ROWS):
         r0 = blk * ROWS
         acc = np.empty((ROWS, m), np.int32)
@@ -156,15 +153,15 @@ def _gemm(a, w, k):
 
 
 @njit(parallel=True, cache=True)
-def _gemm_sign(a, w, k, s, t):
+def _gemm_sign(a, w, k, s, t, out):
     """GEMM + folded BatchNorm/sign: bit j of an output row = (s[j] * acc[j] >= t[j])."""
-    n, m = a.shape[0], w.shape[1]
-    out = np.zeros((n, (m + 63) // 64), np.uint64)  # (N, M_words) packed channels
+    n, m = a.shape[0], w.shape[1]  # out (N, M_words) packed channels
     for blk in prange((n + ROWS - 1) // ROWS):
         r0 = blk * ROWS
         acc = np.empty((ROWS, m), np.int32)
         _mismatch_counts(a, w, r0, acc)
         for rr in range(min(ROWS, n - r0)):
+            out[r0 + rr, :] = 0
             for j in range(m):
                 hit = s[j] * (k - 2 * acc[rr, j]) >= t[j]
                 out[r0 + rr, j // 64] |= np.uint64(hit) << np.uint64(j % 64)
@@ -181,9 +178,21 @@ class PackedConvWeight(NamedTuple):
     kw: int
 
 
-def pack_rows(x: Array) -> np.ndarray:
+def _buffer(out: np.ndarray | None, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """`out` checked against shape/dtype, or a new array. Reusing buffers across calls saves
+    the page faults of fresh multi-MB allocations (~1 ms per conv layer here)."""
+    if out is None:
+        return np.empty(shape, dtype)
+    if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous {np.dtype(dtype)} {shape}, got "
+                         f"{out.dtype} {out.shape}")
+    return out
+
+
+def pack_rows(x: Array, out: np.ndarray | None = None) -> np.ndarray:
     """(N, K) float/int ±1 (sign rule x >= 0) -> (N, K_words) uint64, compiled and parallel."""
-    return _pack_rows(np.ascontiguousarray(as_numpy(x)))
+    x = np.ascontiguousarray(as_numpy(x))
+    return _pack_rows(x, _buffer(out, (x.shape[0], n_words(x.shape[1])), np.uint64))
 
 
 def pack_weight(w: Array) -> np.ndarray:
@@ -204,33 +213,42 @@ def pack_channels(x: Array) -> np.ndarray:
     b, c, h, w = x.shape
     nhwc = x.transpose(0, 2, 3, 1)  # (B, H, W, C)
     if nhwc.flags.c_contiguous:  # channels-last memory: rows of C are contiguous
-        return _pack_rows(nhwc.reshape(b * h * w, c)).reshape(b, h, w, -1)
+        return pack_rows(nhwc.reshape(b * h * w, c)).reshape(b, h, w, -1)
     return _pack_channels_nchw(np.ascontiguousarray(x))
 
 
 def im2col_packed(xc: np.ndarray, in_channels: int, kh: int, kw: int, stride: int = 1,
-                  padding: int = 0) -> np.ndarray:
+                  padding: int = 0, out: np.ndarray | None = None) -> np.ndarray:
     """Packed channels-last (B, H, W, C_words) -> (B * OH * OW, K_words) rows, K = kh*kw*C,
     padding with +1."""
-    return _im2col_packed(xc, in_channels, kh, kw, stride, padding)
+    b, h, w, _ = xc.shape
+    rows = b * ((h + 2 * padding - kh) // stride + 1) * ((w + 2 * padding - kw) // stride + 1)
+    out = _buffer(out, (rows, n_words(kh * kw * in_channels)), np.uint64)
+    return _im2col_packed(xc, in_channels, kh, kw, stride, padding, out)
 
 
-def binary_gemm(a_packed: np.ndarray, w_packed: np.ndarray, k: int) -> np.ndarray:
-    """a (N, K_words), w words-major (K_words, M), true length K -> (N, M) int32 dot products."""
+def _check_words(a_packed: np.ndarray, w_packed: np.ndarray, k: int) -> None:
     if a_packed.shape[1] != w_packed.shape[0] or a_packed.shape[1] != n_words(k):
         raise ValueError(f"word counts differ: a {a_packed.shape}, w {w_packed.shape}, K={k}")
-    return _gemm(np.ascontiguousarray(a_packed), np.ascontiguousarray(w_packed), k)
 
 
-def binary_gemm_sign(a_packed: np.ndarray, w_packed: np.ndarray, k: int, s: Array,
-                     t: Array) -> np.ndarray:
+def binary_gemm(a_packed: np.ndarray, w_packed: np.ndarray, k: int,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """a (N, K_words), w words-major (K_words, M), true length K -> (N, M) int32 dot products."""
+    _check_words(a_packed, w_packed, k)
+    out = _buffer(out, (a_packed.shape[0], w_packed.shape[1]), np.int32)
+    return _gemm(np.ascontiguousarray(a_packed), np.ascontiguousarray(w_packed), k, out)
+
+
+def binary_gemm_sign(a_packed: np.ndarray, w_packed: np.ndarray, k: int, s: Array, t: Array,
+                     out: np.ndarray | None = None) -> np.ndarray:
     """`binary_gemm` with the next BatchNorm + sign folded in (see `reference.fold_bn_sign`):
     -> (N, M_words) uint64 packed bits, bit j = (s[j] * acc[j] >= t[j]) (1 means +1)."""
-    if a_packed.shape[1] != w_packed.shape[0] or a_packed.shape[1] != n_words(k):
-        raise ValueError(f"word counts differ: a {a_packed.shape}, w {w_packed.shape}, K={k}")
-    s64 = as_numpy(s).astype(np.int64)
-    t64 = as_numpy(t).astype(np.int64)
-    return _gemm_sign(np.ascontiguousarray(a_packed), np.ascontiguousarray(w_packed), k, s64, t64)
+    _check_words(a_packed, w_packed, k)
+    out = _buffer(out, (a_packed.shape[0], n_words(w_packed.shape[1])), np.uint64)
+    s64, t64 = as_numpy(s).astype(np.int64), as_numpy(t).astype(np.int64)
+    a, w = np.ascontiguousarray(a_packed), np.ascontiguousarray(w_packed)
+    return _gemm_sign(a, w, k, s64, t64, out)
 
 
 def _conv_cols(x: Array, w: Array | PackedConvWeight, stride: int,
@@ -244,7 +262,7 @@ def _conv_cols(x: Array, w: Array | PackedConvWeight, stride: int,
     b, h, wd, _ = xc.shape
     oh = (h + 2 * padding - pw.kh) // stride + 1
     ow = (wd + 2 * padding - pw.kw) // stride + 1
-    cols = _im2col_packed(xc, pw.in_channels, pw.kh, pw.kw, stride, padding)
+    cols = im2col_packed(xc, pw.in_channels, pw.kh, pw.kw, stride, padding)
     return cols, pw, (b, oh, ow)
 
 
@@ -258,7 +276,7 @@ def binary_conv2d(x: Array, w: Array | PackedConvWeight, stride: int = 1,
     The result has NCHW shape with channels-last strides (a view of the (B, OH, OW, Cout)
     GEMM output, like torch.channels_last); np.ascontiguousarray makes it NCHW-contiguous."""
     cols, pw, (b, oh, ow) = _conv_cols(x, w, stride, padding)  # (B*OH*OW, K_words)
-    out = _gemm(cols, pw.words, pw.kh * pw.kw * pw.in_channels)  # (B*OH*OW, Cout)
+    out = binary_gemm(cols, pw.words, pw.kh * pw.kw * pw.in_channels)  # (B*OH*OW, Cout)
     return out.reshape(b, oh, ow, -1).transpose(0, 3, 1, 2)  # (B, Cout, OH, OW)
 
 
