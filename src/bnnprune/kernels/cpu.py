@@ -20,7 +20,6 @@ from numba import njit, prange
 
 from bnnprune.kernels.pack import Array, as_numpy, conv_weight_matrix, n_words
 
-ONE = np.uint64(1)
 ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 ROWS = 4  # activation rows per GEMM block: each weight word loaded once feeds 4 rows
 

@@ -8,9 +8,11 @@ channels-last order (tap, channel) like the CPU backend, and pad sign(x) with +1
 Mode is fixed when this module is imported:
   * compiled (default): needs a CUDA GPU; popcount is `libdevice.popc`, kernels autotune.
   * interpreter: set ``TRITON_INTERPRET=1`` *before* importing this module (set it before
-    importing triton at all, to be safe). The interpreter runs on CPU tensors, cannot call
-    libdevice, so popcount is a SWAR bit count, and autotuning is bypassed with one fixed
-    small config per kernel (the interpreter is slow; it caps a block at 2**20 elements).
+    importing triton at all, to be safe). The interpreter runs each launch on host copies of
+    the tensor arguments (triton 3.9 copies every argument's storage to CPU and back), so
+    plain CPU tensors work. It cannot call libdevice, so popcount is a SWAR bit count, and
+    autotuning is bypassed with one fixed small config per kernel (the interpreter is slow;
+    it caps a block at 2**20 elements).
 Wrappers raise RuntimeError when neither a GPU nor the interpreter is available.
 
 Folded BatchNorm + sign (`binary_gemm_sign`, `binary_conv2d_sign`): per output channel j an
