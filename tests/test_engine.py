@@ -1,0 +1,85 @@
+"""Packed CPU engine vs the torch model: tiny models, random weights and BN statistics."""
+
+import numpy as np
+import pytest
+import torch
+
+from bnnprune.engine import PackedModel, exact_bn_sign_threshold
+from bnnprune.models import build_model, model_config
+
+
+def randomize_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                n = m.num_features
+                m.weight.copy_(torch.randn(n, generator=g))  # some gamma < 0
+                m.weight[0] = 0.0  # a constant channel
+                m.bias.copy_(torch.randn(n, generator=g))
+                m.running_mean.copy_(torch.randn(n, generator=g) * 3)
+                m.running_var.copy_(torch.rand(n, generator=g) * 20 + 0.5)
+    return model.eval()
+
+
+def tiny(arch, in_shape, width, channels=None, seed=0):
+    cfg = model_config(arch, width, in_shape, 10)
+    if channels is not None:
+        cfg["channels"] = channels
+    return randomize_bn(build_model(cfg, seed=seed), seed)
+
+
+CASES = [
+    ("cnn", [1, 28, 28], 0.25, None),
+    ("cnn", [3, 32, 32], 0.25, [8, 5, 13, 7, 3, 9]),  # pruned: odd channel counts
+    ("cnn", [1, 28, 28], 1.0, [32, 67, 64, 70, 128, 65]),  # channel words > 1
+    ("nin", [1, 28, 28], 0.1, None),
+    ("nin", [3, 32, 32], 0.1, [19, 7, 11, 19, 5, 19, 3, 19]),
+    ("alexnet", [1, 28, 28], 0.1, None),
+    ("alexnet", [3, 32, 32], 0.1, [6, 19, 7, 26, 13, 71, 33]),
+]
+
+
+@pytest.mark.parametrize("arch,in_shape,width,channels", CASES)
+def test_engine_matches_torch(arch, in_shape, width, channels):
+    model = tiny(arch, in_shape, width, channels)
+    engine = PackedModel.from_model(model)
+    x = torch.randn(7, *in_shape)
+    with torch.no_grad():
+        ref = model(x)
+    got = engine(x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(1), ref.argmax(1))
+    # a second call reuses the buffers; another batch size reallocates them
+    torch.testing.assert_close(engine(x[:3]), ref[:3], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_path_used_and_unfused_agrees():
+    model = tiny("cnn", [1, 28, 28], 0.25, [8, 5, 13, 7, 3, 9])
+    fused = PackedModel.from_model(model)
+    plain = PackedModel.from_model(model, fuse=False)
+    assert any(s.fused is not None for s in fused.steps)
+    assert all(s.fused is None for s in plain.steps)
+    x = torch.randn(5, 1, 28, 28)
+    torch.testing.assert_close(fused(x), plain(x), rtol=0, atol=0)
+
+
+def test_exact_threshold_matches_bn_sign():
+    bn = torch.nn.BatchNorm2d(6).eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, -2.0, 0.0, 0.0, 0.5, -0.1]))
+        bn.bias.copy_(torch.tensor([0.3, 0.2, 1.0, -1.0, -5.0, 0.0]))
+        bn.running_mean.copy_(torch.tensor([0.0, 3.0, 1.0, 1.0, 2.5, -7.0]))
+        bn.running_var.copy_(torch.tensor([1.0, 4.0, 1.0, 1.0, 9.0, 1.0]))
+    s, t = exact_bn_sign_threshold(bn, 20)
+    acc = torch.arange(-20, 21, dtype=torch.float32)
+    with torch.no_grad():
+        ref = bn(acc.view(1, 1, -1, 1).expand(1, 6, -1, 1).contiguous())[0, :, :, 0] >= 0
+    got = s[:, None] * np.arange(-20, 21)[None] >= t[:, None]
+    assert np.array_equal(got, ref.numpy())
+
+
+def test_training_mode_rejected():
+    model = tiny("cnn", [1, 28, 28], 0.25).train()
+    with pytest.raises(ValueError, match="eval mode"):
+        PackedModel.from_model(model)
