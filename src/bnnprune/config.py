@@ -86,6 +86,14 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class BenchmarkConfig:
+    batch_size: int = field(default=64, metadata=_range(1, 65536))
+    threads: int = field(default=2, metadata=_range(0, 1024))  # torch + numba; 0 = default
+    warmup: int = field(default=3, metadata=_range(0, 10000))
+    repeats: int = field(default=20, metadata=_range(1, 100000))
+
+
+@dataclass(frozen=True)
 class GateConfig:
     min_test_acc: float = field(default=0.85, metadata=_range(0.0, 1.0))
     max_acc_drop_pt: float = field(default=2.0, metadata=_range(None, 100.0))
@@ -102,6 +110,7 @@ class Params:
         default_factory=lambda: TrainConfig(epochs=2, lr=0.001, flip_window=1))
     prune: PruneConfig = field(default_factory=PruneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     gate: GateConfig = field(default_factory=GateConfig)
 
 

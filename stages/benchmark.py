@@ -1,0 +1,55 @@
+"""benchmark: latency / throughput of the baseline and the pruned fine-tuned model per backend
+(torch float, packed CPU engine; Triton CUDA skipped with a reason when unavailable), and the
+packed engine's prediction parity with torch on the full test set."""
+
+import hashlib
+from pathlib import Path
+
+from bnnprune.benchmark import flat_metrics, latency_rows, run_benchmark
+from bnnprune.cli import run_stage
+from bnnprune.config import as_dict, load_params
+from bnnprune.data import load_prepared, normalize
+from bnnprune.files import save_csv, save_json
+from bnnprune.models import load_checkpoint
+from bnnprune.tracking import log_artifacts, log_metrics, stage_run
+from bnnprune.train import fingerprint
+
+MODELS = {"baseline": "models/baseline.pt", "pruned": "models/finetuned.pt"}
+METRICS, PLOT = "reports/metrics/benchmark.json", "reports/plots/benchmark_latency.csv"
+
+
+def file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def main() -> None:
+    params = load_params()
+    cfg = params.benchmark
+    models = {name: load_checkpoint(path)[0].eval() for name, path in MODELS.items()}
+    splits, card = load_prepared("data/prepared")
+    test = normalize(splits["test"].images, card["mean"], card["std"])
+    groups = {"benchmark": cfg}
+    digest = fingerprint(as_dict(cfg), {n: file_digest(p) for n, p in MODELS.items()})
+    with stage_run("benchmark", groups, digest):
+        result = run_benchmark(models, test, cfg.batch_size, cfg.threads, cfg.warmup,
+                               cfg.repeats)
+        result["model_paths"] = MODELS
+        save_json(METRICS, result)
+        save_csv(PLOT, latency_rows(result))
+        log_metrics(flat_metrics(result))
+        log_artifacts(METRICS, PLOT)
+    for name, m in result["models"].items():
+        for b in ("torch_float", "packed_cpu"):
+            r = m[b]
+            print(f"benchmark: {name:8s} {b:11s} {r['latency_ms_median']:8.2f} ms/batch "
+                  f"[{r['latency_ms_min']:.2f}, {r['latency_ms_max']:.2f}]  "
+                  f"{r['throughput_ips']:9.0f} img/s")
+    print(f"benchmark: speedup pruned/baseline {result['speedup']}, OPs ratio "
+          f"{result['ops_ratio']:.3f}; packed vs float {result['bnn_vs_float']['baseline']:.2f}x "
+          f"(baseline) {result['bnn_vs_float']['pruned']:.2f}x (pruned); mismatches "
+          f"{ {n: r['mismatches'] for n, r in result['prediction_mismatches'].items()} }; "
+          f"skipped {result['skipped']}; load {result['machine']['load_average']}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
