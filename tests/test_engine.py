@@ -44,6 +44,7 @@ CASES = [
 def test_engine_matches_torch(arch, in_shape, width, channels):
     model = tiny(arch, in_shape, width, channels)
     engine = PackedModel.from_model(model)
+    assert any(s.maxpool is not None for s in engine.steps)  # bit max-pool exercised
     x = torch.randn(7, *in_shape)
     with torch.no_grad():
         ref = model(x)
@@ -58,7 +59,8 @@ def test_fused_path_used_and_unfused_agrees():
     model = tiny("cnn", [1, 28, 28], 0.25, [8, 5, 13, 7, 3, 9])
     fused = PackedModel.from_model(model)
     plain = PackedModel.from_model(model, fuse=False)
-    assert any(s.fused is not None for s in fused.steps)
+    assert any(s.fused is not None and s.maxpool is None for s in fused.steps)
+    assert any(s.maxpool is not None for s in fused.steps)  # max pool on packed bits
     assert all(s.fused is None for s in plain.steps)
     x = torch.randn(5, 1, 28, 28)
     torch.testing.assert_close(fused(x), plain(x), rtol=0, atol=0)

@@ -10,12 +10,16 @@ Per block of the model (layer -> pool -> BatchNorm):
   modules in torch on the (exact) integer outputs as float32;
 - binary linear: sign(x) packed along features (NCHW flatten order, as `Block` flattens),
   binary GEMM -> int32 -> the model's BN in torch;
-- fused path: when a binary block has no pooling and the next block is a binary layer of the
-  same kind, BN + sign is folded into the GEMM (`binary_gemm_sign`), which emits the packed bits
-  the next layer reads. The per-channel (s, t) threshold is read off the model's own float32
-  BatchNorm evaluated at every reachable integer conv output (|acc| <= K), so it reproduces
-  torch's rounding exactly, ties included; a channel whose float32 BN sign is not a single step
-  in acc (never seen in practice) makes the block fall back to the unfused path.
+- fused path: when a binary block has no pooling (or, for convs, max pooling) and the next
+  block is a binary layer of the same kind, BN + sign is folded into the GEMM
+  (`binary_gemm_sign`), which emits the packed bits the next layer reads. Max pooling then runs
+  on the bits: sign(BN(max acc)) is the OR of the window's bits where BN increases in acc
+  (s >= 0) and the AND where it decreases (s < 0); padded positions are left out, as
+  MaxPool2d's -inf padding never wins. The per-channel (s, t) threshold is read off the
+  model's own float32 BatchNorm evaluated at every reachable integer conv output
+  (|acc| <= K), so it reproduces torch's rounding exactly, ties included; a channel whose
+  float32 BN sign is not a single step in acc (never seen in practice) makes the block fall
+  back to the unfused path.
 Then the head (global average pool or flatten) and the float classifier in torch.
 Threads: the kernels obey `numba.set_num_threads`, the torch parts `torch.set_num_threads`.
 """
@@ -76,6 +80,8 @@ class _Step:
     stride: int = 1
     pad: int = 0
     fused: tuple[np.ndarray, np.ndarray] | None = None  # (s, t): emit packed bits
+    maxpool: tuple[int, int, int] | None = None  # (kernel, stride, padding) on fused bits
+    masks: tuple[np.ndarray, np.ndarray] | None = None  # channel words: BN increasing / not
     buffers: dict = field(default_factory=dict)
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -83,6 +89,46 @@ class _Step:
         if buf is None or buf.shape != shape:
             buf = self.buffers[name] = np.empty(shape, dtype)
         return buf
+
+
+def _maxpool_params(pool: nn.Module) -> tuple[int, int, int] | None:
+    """(kernel, stride, padding) of a square, undilated, floor-mode MaxPool2d, else None."""
+    if not isinstance(pool, nn.MaxPool2d) or pool.ceil_mode:
+        return None
+    vals = [pool.kernel_size, pool.stride, pool.padding, pool.dilation]
+    vals = [v if isinstance(v, tuple) else (v, v) for v in vals]
+    if any(a != b for a, b in vals) or vals[3][0] != 1:
+        return None
+    return vals[0][0], vals[1][0], vals[2][0]
+
+
+def _channel_masks(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Channel-bit masks (C_words,) uint64: channels with s >= 0, and with s < 0."""
+    inc = np.zeros(n_words(len(s)) * 64, bool)
+    dec = np.zeros_like(inc)
+    inc[:len(s)], dec[:len(s)] = s >= 0, s < 0
+    pack = lambda m: np.packbits(m, bitorder="little").view("<u8").astype(np.uint64)  # noqa: E731
+    return pack(inc), pack(dec)
+
+
+def _maxpool_bits(bits: np.ndarray, k: int, stride: int, pad: int, inc: np.ndarray,
+                  dec: np.ndarray) -> np.ndarray:
+    """Max pool of sign(BN(acc)) on packed channels-last bits (B, H, W, C_words): OR over the
+    window for channels where BN increases, AND where it decreases; padding never counts."""
+    b, h, w, cw = bits.shape
+    ph, pw = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    widths = ((0, 0), (pad, pad), (pad, pad), (0, 0))
+    por = np.pad(bits, widths, constant_values=0) if pad else bits
+    pand = np.pad(bits, widths, constant_values=cpu.ALL_ONES) if pad else bits
+    any_ = np.zeros((b, ph, pw, cw), np.uint64)
+    all_ = np.full((b, ph, pw, cw), cpu.ALL_ONES)
+    for i in range(k):
+        for j in range(k):
+            rows = slice(i, i + stride * (ph - 1) + 1, stride)
+            cols = slice(j, j + stride * (pw - 1) + 1, stride)
+            any_ |= por[:, rows, cols]
+            all_ &= pand[:, rows, cols]
+    return (any_ & inc) | (all_ & dec)
 
 
 def _sign_pm1(w: torch.Tensor) -> np.ndarray:
@@ -117,9 +163,14 @@ class PackedModel:
                 steps.append(_Step("torch", block))
         if fuse:
             for step, nxt in zip(steps, steps[1:], strict=False):
+                pool = step.block.pool
+                maxpool = _maxpool_params(pool) if step.kind == "conv" else None
                 if (step.kind in ("conv", "linear") and nxt.kind == step.kind
-                        and isinstance(step.block.pool, nn.Identity)):
+                        and (isinstance(pool, nn.Identity) or maxpool is not None)):
                     step.fused = exact_bn_sign_threshold(step.block.bn, step.k)
+                    if step.fused is not None and maxpool is not None:
+                        step.maxpool = maxpool
+                        step.masks = _channel_masks(step.fused[0])
         return cls(model, steps)
 
     @torch.no_grad()
@@ -148,7 +199,9 @@ class PackedModel:
         if step.fused is not None:
             out = step.buffer("bits", (b * oh * ow, n_words(m)), np.uint64)
             cpu.binary_gemm_sign(cols, step.words, step.k, *step.fused, out=out)
-            return out.reshape(b, oh, ow, -1)  # packed channels-last: the next conv's input
+            bits = out.reshape(b, oh, ow, -1)  # packed channels-last: the next conv's input
+            return bits if step.maxpool is None else _maxpool_bits(bits, *step.maxpool,
+                                                                   *step.masks)
         acc = step.buffer("acc", (b * oh * ow, m), np.int32)
         cpu.binary_gemm(cols, step.words, step.k, out=acc)
         y = torch.from_numpy(acc).view(b, oh, ow, m).permute(0, 3, 1, 2).float()
