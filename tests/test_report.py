@@ -26,6 +26,7 @@ BENCHMARK = {
         "torch": {"baseline_ms": 30.0, "pruned_ms": 24.0, "speedup": 1.25},
     },
     "bnn_vs_float": {"speedup": 4.8, "packed_ms": 6.25, "float_ms": 30.0},
+    "config": {"batch_size": 64},
 }
 
 
@@ -118,6 +119,7 @@ def test_markdown_names_the_winner_and_has_per_layer_tables_and_plots(workspace,
     latency = (workspace / report.LATENCY_CSV).read_text().splitlines()
     assert latency[0] == "label,backend,model,ms"
     assert any(r.startswith("onnxruntime (batch 8): pruned,") for r in latency)
+    assert "cpu (batch 64): baseline,cpu (batch 64),baseline,10.0" in latency
 
 
 def test_tied_criteria_are_reported_as_a_tie(tmp_path):
@@ -163,7 +165,7 @@ def test_summary_run_links_stage_runs_and_compare_shows_one_row_each(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     stage_ids = {}
-    for stage in ("train", "finetune"):
+    for stage in ("train", "finetune", "compare@latent"):
         with stage_run(stage, {"x": 1}, f"hash-{stage}") as run:
             stage_ids[stage] = run.info.run_id
     summary_ids = []
@@ -177,6 +179,7 @@ def test_summary_run_links_stage_runs_and_compare_shows_one_row_each(
     first = client.get_run(summary_ids[0])
     assert first.data.tags[report.SUMMARY_TAG] == "true"
     assert first.data.tags[report.LINK_TAG + "train"] == stage_ids["train"]
+    assert first.data.tags[report.LINK_TAG + "compare:latent"] == stage_ids["compare@latent"]
     assert first.data.metrics["bops_reduction_pct"] == pytest.approx(
         summary["reduction"]["bops_pct"])
     assert first.data.metrics["speedup_cpu"] == 1.6

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,9 @@ def speedups(benchmark: dict, export: dict) -> tuple[dict, dict, list[dict]]:
             unavailable[backend] = r.get("reason") or r.get("skipped") or "did not run"
             continue
         speedup[backend] = float(r["speedup"])
-        rows.append({"backend": backend, "baseline_ms": r["baseline_ms"],
+        batch = benchmark.get("config", {}).get("batch_size")
+        rows.append({"backend": f"{backend} (batch {batch})" if batch else backend,
+                     "baseline_ms": r["baseline_ms"],
                      "pruned_ms": r["pruned_ms"]})
     models = _get(export, "models", INPUTS["export"][0])
     batch = max(models["pruned"]["latency_ms"], key=lambda k: int(k.split("_")[-1]))
@@ -361,7 +364,9 @@ def link_stage_runs(run: Any) -> dict[str, str]:
     links = {}
     for stage, (_, stage_run) in sorted(chosen.items()):
         links[stage] = stage_run.info.run_id
-        client.set_tag(run.info.run_id, LINK_TAG + stage, stage_run.info.run_id)
+        # MLflow tag keys allow no '@' (foreach stages are named like compare@latent)
+        key = LINK_TAG + re.sub(r"[^\w\-. :/]", ":", stage)
+        client.set_tag(run.info.run_id, key, stage_run.info.run_id)
         if "mlflow.parentRunId" not in stage_run.data.tags:
             client.set_tag(stage_run.info.run_id, "mlflow.parentRunId", run.info.run_id)
     return links
