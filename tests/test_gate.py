@@ -65,7 +65,7 @@ def test_thresholds_come_from_the_params_file(files):
 
 def test_gate_defaults_apply_to_unset_thresholds(files):
     results = gate.evaluate(GOOD, GateConfig())
-    assert [r.threshold for r in results] == [0.85, 2.0, 20.0, 1.1]
+    assert [r.threshold for r in results] == [0.85, 2.0, 20.0, 1.05]
     assert check(files, GOOD, {}) == 0
 
 
