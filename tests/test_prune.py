@@ -347,3 +347,16 @@ def test_bad_input_fails_clearly_and_overwrites_nothing(project, capsys, bad, me
     assert message in err, err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert all(Path(out).read_bytes() == SENTINEL for out in OUTPUTS)
+
+
+def test_iterative_prune_stage_retrains_with_flip_logging_and_compare_matches_budget(project):
+    set_params(prune={"iterations": 2, "retrain_epochs": 1, "tau": 0})
+    assert run_script("prune.py") == 0
+    prune = json.loads(Path("reports/metrics/prune.json").read_text())
+    assert prune["retrain_epochs_total"] == 1  # one retrain between the two rounds
+    assert set(prune["max_p"]) == {"1", "2"}
+    assert not list(Path(".bnnprune/resume").glob("*.pt"))  # resume state cleaned up
+    assert run_script("compare.py", "random") == 0
+    row = json.loads(Path("reports/metrics/compare/random.json").read_text())
+    assert row["epochs"] == 1 + 1  # finetune epochs + the retrain epochs the prune stage spent
+    assert row["bops_after"] == prune["total"]["bops_after"]
