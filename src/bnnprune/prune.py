@@ -284,7 +284,8 @@ def prune_report(before: BNN, after: BNN, p: dict[str, float]) -> dict[str, Any]
 
 def channel_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Plot data: channels (and BOPs) per binary layer before/after."""
-    return [{"layer": name, "channels_before": r["channels_before"],
+    return [{"layer": name, "index": int(name.split(".")[1]),
+             "channels_before": r["channels_before"],
              "channels_after": r["channels_after"], "p": r["p"], "bops_before": r["bops_before"],
              "bops_after": r["bops_after"]} for name, r in report["layers"].items()]
 
