@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from bnnprune.engine import PackedModel, exact_bn_sign_threshold
+from bnnprune.kernels import cpu
+from bnnprune.kernels.pack import unpack_pm1
 from bnnprune.models import build_model, model_config
 
 
@@ -45,6 +47,7 @@ def test_engine_matches_torch(arch, in_shape, width, channels):
     model = tiny(arch, in_shape, width, channels)
     engine = PackedModel.from_model(model)
     assert any(s.maxpool is not None for s in engine.steps)  # bit max-pool exercised
+    assert engine.steps[0].kind == "stem" and engine.steps[-1].tail is not None  # numba ends
     x = torch.randn(7, *in_shape)
     with torch.no_grad():
         ref = model(x)
@@ -62,8 +65,26 @@ def test_fused_path_used_and_unfused_agrees():
     assert any(s.fused is not None and s.maxpool is None for s in fused.steps)
     assert any(s.maxpool is not None for s in fused.steps)  # max pool on packed bits
     assert all(s.fused is None for s in plain.steps)
+    assert fused.steps[0].kind == "stem" and fused.steps[-1].tail is not None
+    assert plain.steps[0].kind == "torch" and plain.steps[-1].tail is None
     x = torch.randn(5, 1, 28, 28)
-    torch.testing.assert_close(fused(x), plain(x), rtol=0, atol=0)
+    got, want = fused(x), plain(x)  # the binary middle is exact; the float ends round apart
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(1), want.argmax(1))
+
+
+def test_stem_bits_are_torch_sign_except_at_rounding_ties():
+    model = tiny("cnn", [1, 28, 28], 0.25, [8, 5, 13, 7, 3, 9])
+    stem = PackedModel.from_model(model).steps[0]
+    x = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        y = model.blocks[0](x)  # (B, C, H, W) float BN output, the next layer's sign input
+    got = PackedModel.from_model(model)._stem(stem, x)
+    want = cpu.pack_channels(y)
+    differ = unpack_pm1(got, 8) != unpack_pm1(want, 8)  # (B, H, W, C)
+    near_tie = y.permute(0, 2, 3, 1).abs().numpy() < 1e-5
+    assert not (differ & ~near_tie).any()
+    assert differ.sum() <= 1
 
 
 def test_exact_threshold_matches_bn_sign():

@@ -202,3 +202,45 @@ def test_bench_kernels_smoke(tmp_path):
     assert json.loads(out.read_text())["threads"] == 1
     conv = bench_kernels.run([(4, 9, 2)], threads=1, repeats=1, warmup=0, convs=[(1, 3, 5, 5, 4)])
     assert conv["conv"][0]["exact"]
+
+
+FLOAT_CONV_CASES = [  # (B, Cin, H, W, Cout, k, stride, padding): ragged Cout, > 64 channels
+    (2, 1, 9, 8, 5, 3, 1, 1), (1, 3, 10, 9, 70, 5, 2, 2), (3, 2, 6, 6, 1, 1, 1, 0),
+]
+
+
+@pytest.mark.parametrize("b,cin,h,w,cout,k,stride,pad", FLOAT_CONV_CASES)
+def test_float_conv_sign_matches_torch(b, cin, h, w, cout, k, stride, pad):
+    x, wt = rand(b, cin, h, w, seed=30), rand(cout, cin, k, k, seed=31)
+    alpha, beta = rand(cout, seed=32), rand(cout, seed=33)
+    alpha[0] = 0.0  # a constant channel: the sign of beta
+    y = F.conv2d(x, wt, None, stride, pad) * alpha.view(1, -1, 1, 1) + beta.view(1, -1, 1, 1)
+    got = cpu.float_conv_sign(x, wt, alpha, beta, stride, pad)  # (B, OH, OW, Cout_words)
+    assert got.shape == (b, y.shape[2], y.shape[3], n_words(cout))
+    want = y.permute(0, 2, 3, 1) >= 0  # (B, OH, OW, Cout)
+    differ = (unpack_pm1(got, cout) > 0) != want.numpy()
+    assert not (differ & (y.permute(0, 2, 3, 1).abs().numpy() > 1e-5)).any()  # ties only
+    if cout % 64:  # padding bits stay zero
+        assert (got[..., -1] >> np.uint64(cout % 64) == 0).all()
+
+
+@pytest.mark.parametrize("pool,gap", [((1, 1, 0), False), ((2, 2, 0), False), ((3, 2, 1), True)])
+def test_classify_matches_torch_head(pool, gap):
+    b, h, w, c, classes = 3, 7, 7, 70, 10
+    acc = torch.randint(-50, 51, (b, h, w, c), generator=torch.Generator().manual_seed(34),
+                        dtype=torch.int32)
+    alpha, beta = rand(c, seed=35), rand(c, seed=36)
+    y = acc.permute(0, 3, 1, 2).float()  # (B, C, H, W)
+    y = F.max_pool2d(y, pool[0], pool[1], pool[2]) if pool[0] > 1 else y
+    y = y * alpha.view(1, -1, 1, 1) + beta.view(1, -1, 1, 1)
+    feats = y.mean(dim=(2, 3)) if gap else y.flatten(1)  # torch's NCHW flatten order
+    linear = torch.nn.Linear(feats.shape[1], classes)
+    with torch.no_grad():
+        want = linear(feats)
+        weight = linear.weight.detach() if gap else (  # -> channels-last feature order (PH, PW, C)
+            linear.weight.detach().view(classes, c, y.shape[2], y.shape[3]).permute(0, 2, 3, 1)
+            .reshape(classes, -1))
+    got = cpu.classify(acc.numpy(), *pool, alpha, beta, gap, weight.T.numpy(), linear.bias)
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="features"):
+        cpu.classify(acc.numpy(), *pool, alpha, beta, gap, weight.T.numpy()[1:], linear.bias)

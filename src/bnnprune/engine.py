@@ -20,8 +20,17 @@ Per block of the model (layer -> pool -> BatchNorm):
   (|acc| <= K), so it reproduces torch's rounding exactly, ties included; a channel whose
   float32 BN sign is not a single step in acc (never seen in practice) makes the block fall
   back to the unfused path.
-Then the head (global average pool or flatten) and the float classifier in torch.
-Threads: the kernels obey `numba.set_num_threads`, the torch parts `torch.set_num_threads`.
+- float stem: a float first conv followed by a binary conv runs as one numba kernel
+  (`float_conv_sign`: conv, BatchNorm as torch's per-channel alpha * y + beta, sign, packed
+  bits; max pooling then on the bits as above). Its float32 sums are not torch's summation
+  order, so a value within float rounding of the BN threshold can take the other sign; the
+  benchmark stage counts prediction mismatches on the whole test set to show it does not
+  matter.
+- float tail: the last binary layer, its max pool and BatchNorm, the head (flatten or global
+  average) and the classifier run in numba too (`classify`), so with the default models no
+  torch op runs at inference and the cores are never handed between two thread pools.
+Blocks none of this covers (average pooling between binary layers) run as torch modules.
+Threads: the kernels obey `numba.set_num_threads`, torch fallbacks `torch.set_num_threads`.
 """
 
 from __future__ import annotations
@@ -82,6 +91,8 @@ class _Step:
     fused: tuple[np.ndarray, np.ndarray] | None = None  # (s, t): emit packed bits
     maxpool: tuple[int, int, int] | None = None  # (kernel, stride, padding) on fused bits
     masks: tuple[np.ndarray, np.ndarray] | None = None  # channel words: BN increasing / not
+    stem: tuple | None = None  # (weight, alpha, beta): float conv + BN + sign in numba
+    tail: tuple | None = None  # (pool, alpha, beta, gap, weight, bias): BN -> head -> classifier
     buffers: dict = field(default_factory=dict)
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -131,6 +142,48 @@ def _maxpool_bits(bits: np.ndarray, k: int, stride: int, pad: int, inc: np.ndarr
     return (any_ & inc) | (all_ & dec)
 
 
+@torch.no_grad()
+def bn_affine(bn: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """Eval-mode BatchNorm as `y * alpha + beta` per channel, folded as torch folds it (float32)."""
+    alpha = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        alpha = alpha * bn.weight
+    beta = -bn.running_mean * alpha
+    if bn.bias is not None:
+        beta = beta + bn.bias
+    return alpha.float().numpy().copy(), beta.float().numpy().copy()
+
+
+def _stem_params(step: _Step) -> tuple | None:
+    """(weight, alpha, beta) when `step` is a plain float conv the numba stem can run."""
+    layer = step.block.layer
+    if type(layer) is not nn.Conv2d or layer.bias is not None or layer.groups != 1:
+        return None
+    if (layer.padding_mode != "zeros" or isinstance(layer.padding, str)
+            or layer.dilation != (1, 1) or len(set(layer.stride)) != 1
+            or len(set(layer.padding)) != 1):
+        return None
+    return (layer.weight.detach().numpy().copy(), *bn_affine(step.block.bn))
+
+
+def _tail_params(step: _Step, model: BNN) -> tuple | None:
+    """(pool, alpha, beta, gap, weight, bias) for `cpu.classify` on the last binary step."""
+    pool = step.block.pool
+    params = (1, 1, 0) if isinstance(pool, nn.Identity) else _maxpool_params(pool)
+    if params is None or (step.kind == "linear" and params != (1, 1, 0)):
+        return None
+    weight = model.classifier.weight.detach()  # (classes, F)
+    gap = model.head == "gap" and step.kind == "conv"
+    if step.kind == "conv" and not gap:  # NCHW flatten order -> channels-last (PH, PW, C)
+        c = step.words.shape[1]
+        ph, pw = model.feature_hw
+        weight = weight.view(-1, c, ph, pw).permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    bias = model.classifier.bias
+    bias = torch.zeros(weight.shape[0]) if bias is None else bias.detach()
+    return (params, *bn_affine(step.block.bn), gap,
+            np.ascontiguousarray(weight.T.float().numpy()), bias.float().numpy().copy())
+
+
 def _sign_pm1(w: torch.Tensor) -> np.ndarray:
     return torch.where(w >= 0, 1.0, -1.0).to(torch.float32).numpy()
 
@@ -171,6 +224,20 @@ class PackedModel:
                     if step.fused is not None and maxpool is not None:
                         step.maxpool = maxpool
                         step.masks = _channel_masks(step.fused[0])
+            first = steps[0]
+            pool = first.block.pool
+            maxpool = _maxpool_params(pool)
+            if (first.kind == "torch" and len(steps) > 1 and steps[1].kind == "conv"
+                    and (isinstance(pool, nn.Identity) or maxpool is not None)):
+                first.stem = _stem_params(first)
+                if first.stem is not None:
+                    first.kind = "stem"
+                    if maxpool is not None:
+                        first.maxpool = maxpool
+                        first.masks = _channel_masks(first.stem[1])  # alpha >= 0: increasing
+            last = steps[-1]
+            if last.kind in ("conv", "linear") and last.fused is None:
+                last.tail = _tail_params(last, model)
         return cls(model, steps)
 
     @torch.no_grad()
@@ -178,6 +245,8 @@ class PackedModel:
         h: torch.Tensor | np.ndarray = x
         for step in self.steps:
             h = getattr(self, f"_{step.kind}")(step, h)
+        if self.steps[-1].tail is not None:
+            return h  # logits
         model = self.model
         if model.head == "gap" and h.dim() == 4:
             h = h.mean(dim=(2, 3))
@@ -187,6 +256,24 @@ class PackedModel:
 
     def _torch(self, step: _Step, h: torch.Tensor) -> torch.Tensor:
         return step.block(h)
+
+    def _stem(self, step: _Step, h: torch.Tensor) -> np.ndarray:
+        w, alpha, beta = step.stem
+        layer = step.block.layer
+        b, _, hh, ww = h.shape
+        kh, kw = w.shape[2:]
+        oh = (hh + 2 * layer.padding[0] - kh) // layer.stride[0] + 1
+        ow = (ww + 2 * layer.padding[1] - kw) // layer.stride[1] + 1
+        out = step.buffer("bits", (b, oh, ow, n_words(w.shape[0])), np.uint64)
+        bits = cpu.float_conv_sign(h, w, alpha, beta, layer.stride[0], layer.padding[0], out)
+        return bits if step.maxpool is None else _maxpool_bits(bits, *step.maxpool, *step.masks)
+
+    def _classify(self, step: _Step, acc: np.ndarray) -> torch.Tensor:
+        """acc (B, H, W, M) int32 channels-last -> logits (B, classes), a new tensor."""
+        pool, alpha, beta, gap, weight, bias = step.tail
+        logits = np.empty((acc.shape[0], weight.shape[1]), np.float32)
+        cpu.classify(acc, *pool, alpha, beta, gap, weight, bias, logits)
+        return torch.from_numpy(logits)
 
     def _conv(self, step: _Step, h: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         xc = h if isinstance(h, np.ndarray) else cpu.pack_channels(h)  # (B, H, W, Cin_words)
@@ -204,6 +291,8 @@ class PackedModel:
                                                                    *step.masks)
         acc = step.buffer("acc", (b * oh * ow, m), np.int32)
         cpu.binary_gemm(cols, step.words, step.k, out=acc)
+        if step.tail is not None:
+            return self._classify(step, acc.reshape(b, oh, ow, m))
         y = torch.from_numpy(acc).view(b, oh, ow, m).permute(0, 3, 1, 2).float()
         return step.block.bn(step.block.pool(y.contiguous()))
 
@@ -215,4 +304,6 @@ class PackedModel:
             return cpu.binary_gemm_sign(a, step.words, step.k, *step.fused, out=out)
         acc = step.buffer("acc", (a.shape[0], m), np.int32)
         cpu.binary_gemm(a, step.words, step.k, out=acc)
+        if step.tail is not None:
+            return self._classify(step, acc.reshape(a.shape[0], 1, 1, m))
         return step.block.bn(step.block.pool(torch.from_numpy(acc).float()))

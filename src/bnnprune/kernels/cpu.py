@@ -286,3 +286,116 @@ def binary_conv2d_sign(x: Array, w: Array | PackedConvWeight, s: Array, t: Array
     cols, pw, (b, oh, ow) = _conv_cols(x, w, stride, padding)
     k = pw.kh * pw.kw * pw.in_channels
     return binary_gemm_sign(cols, pw.words, k, s, t).reshape(b, oh, ow, -1)
+
+
+# ---------------------------------------------------------------------------- float ends
+# The float first layer and the float tail (BN -> head -> classifier) of a BNN, so the packed
+# engine runs without a torch op (and without handing the cores between two thread pools).
+
+
+@njit(parallel=True, cache=True)
+def _float_conv_sign(x, wt, alpha, beta, stride, pad, kh, kw, out):
+    """sign(alpha * conv(x, w) + beta) with zero padding -> packed channels-last bits.
+
+    x (B, Cin, H, W) float32; wt (Cin * kh * kw, Cout) float32, tap-major; out
+    (B, OH, OW, Cout_words) uint64, bit = (alpha * acc + beta >= 0)."""
+    b, cin, h, w = x.shape
+    _, oh, ow, cw = out.shape
+    cout = wt.shape[1]
+    for bo in prange(b * oh):
+        bi, oy = bo // oh, bo % oh
+        acc = np.zeros((ow, cout), np.float32)  # (OW, Cout): inner loop over Cout vectorises
+        for c in range(cin):
+            for i in range(kh):
+                iy = oy * stride + i - pad
+                if iy < 0 or iy >= h:
+                    continue
+                for j in range(kw):
+                    tap = (c * kh + i) * kw + j
+                    for ox in range(ow):
+                        ix = ox * stride + j - pad
+                        if 0 <= ix < w:
+                            xv = x[bi, c, iy, ix]
+                            for co in range(cout):
+                                acc[ox, co] += xv * wt[tap, co]
+        for ox in range(ow):
+            for q in range(cw):
+                out[bi, oy, ox, q] = 0
+            for co in range(cout):
+                hit = acc[ox, co] * alpha[co] + beta[co] >= 0
+                out[bi, oy, ox, co // 64] |= np.uint64(hit) << np.uint64(co % 64)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _classify(acc, pool_k, pool_s, pool_p, alpha, beta, gap, wc, bias, out):
+    """Integer layer outputs -> logits: max pool (pool_k > 1) -> BN (alpha * v + beta) ->
+    flatten or global average -> linear.
+
+    acc (B, H, W, C) int32 channels-last; wc (F, classes) float32 with F = PH * PW * C in
+    channels-last order (flatten) or C (gap); out (B, classes) float32."""
+    b, h, w, c = acc.shape
+    ph, pw = (h + 2 * pool_p - pool_k) // pool_s + 1, (w + 2 * pool_p - pool_k) // pool_s + 1
+    classes = wc.shape[1]
+    for bi in prange(b):
+        feat = np.zeros(ph * pw * c if not gap else c, np.float32)
+        for py in range(ph):
+            for px in range(pw):
+                for ch in range(c):
+                    m = np.int32(-2147483647)
+                    for i in range(pool_k):
+                        iy = py * pool_s + i - pool_p
+                        for j in range(pool_k):
+                            ix = px * pool_s + j - pool_p
+                            if 0 <= iy < h and 0 <= ix < w and acc[bi, iy, ix, ch] > m:
+                                m = acc[bi, iy, ix, ch]
+                    v = np.float32(m) * alpha[ch] + beta[ch]
+                    if gap:
+                        feat[ch] += v
+                    else:
+                        feat[(py * pw + px) * c + ch] = v
+        if gap:
+            feat /= np.float32(ph * pw)
+        for k in range(classes):
+            out[bi, k] = bias[k]
+        for f in range(feat.shape[0]):
+            for k in range(classes):
+                out[bi, k] += feat[f] * wc[f, k]
+    return out
+
+
+def float_conv_sign(x: Array, w: Array, alpha: Array, beta: Array, stride: int = 1,
+                    padding: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+    """Float conv (zero padding) + per-channel affine + sign, packed: x (B, Cin, H, W),
+    w (Cout, Cin, kh, kw) -> (B, OH, OW, Cout_words) uint64, bit = (alpha*conv + beta >= 0)."""
+    xn = np.ascontiguousarray(as_numpy(x), np.float32)
+    wn = as_numpy(w).astype(np.float32)
+    cout, cin, kh, kw = wn.shape
+    if xn.ndim != 4 or xn.shape[1] != cin:
+        raise ValueError(f"input {xn.shape} does not fit weight {wn.shape}")
+    b, _, h, wd = xn.shape
+    shape = (b, (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1,
+             n_words(cout))
+    wt = np.ascontiguousarray(wn.reshape(cout, -1).T)  # (Cin * kh * kw, Cout)
+    a, bb = (np.ascontiguousarray(as_numpy(v), np.float32) for v in (alpha, beta))
+    return _float_conv_sign(xn, wt, a, bb, stride, padding, kh, kw,
+                            _buffer(out, shape, np.uint64))
+
+
+def classify(acc: np.ndarray, pool_k: int, pool_s: int, pool_p: int, alpha: Array, beta: Array,
+             gap: bool, weight: np.ndarray, bias: Array, out: np.ndarray | None = None
+             ) -> np.ndarray:
+    """Logits from a layer's integer outputs: max pool (`pool_k` 1 = none) -> BN as
+    `alpha * v + beta` -> flatten (channels-last order) or global average -> `v @ weight + bias`.
+    acc (B, H, W, C) int32; weight (F, classes) -> (B, classes) float32."""
+    a = np.ascontiguousarray(acc, np.int32)
+    b, h, w, c = a.shape
+    ph, pw = (h + 2 * pool_p - pool_k) // pool_s + 1, (w + 2 * pool_p - pool_k) // pool_s + 1
+    features = c if gap else ph * pw * c
+    if weight.shape[0] != features:
+        raise ValueError(f"classifier weight has {weight.shape[0]} features, the layer gives "
+                         f"{features}")
+    vecs = [np.ascontiguousarray(as_numpy(v), np.float32) for v in (alpha, beta, bias)]
+    out = _buffer(out, (b, weight.shape[1]), np.float32)
+    return _classify(a, pool_k, pool_s, pool_p, vecs[0], vecs[1], gap,
+                     np.ascontiguousarray(weight, np.float32), vecs[2], out)
