@@ -240,7 +240,7 @@ def test_classify_matches_torch_head(pool, gap):
         weight = linear.weight.detach() if gap else (  # -> channels-last feature order (PH, PW, C)
             linear.weight.detach().view(classes, c, y.shape[2], y.shape[3]).permute(0, 2, 3, 1)
             .reshape(classes, -1))
-    got = cpu.classify(acc.numpy(), *pool, alpha, beta, gap, weight.T.numpy(), linear.bias)
+    got = cpu.classify(acc.numpy(), *pool, alpha, beta, gap, weight, linear.bias)
     torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="features"):
-        cpu.classify(acc.numpy(), *pool, alpha, beta, gap, weight.T.numpy()[1:], linear.bias)
+        cpu.classify(acc.numpy(), *pool, alpha, beta, gap, weight[:, 1:], linear.bias)

@@ -181,7 +181,7 @@ def _tail_params(step: _Step, model: BNN) -> tuple | None:
     bias = model.classifier.bias
     bias = torch.zeros(weight.shape[0]) if bias is None else bias.detach()
     return (params, *bn_affine(step.block.bn), gap,
-            np.ascontiguousarray(weight.T.float().numpy()), bias.float().numpy().copy())
+            np.ascontiguousarray(weight.float().numpy()), bias.float().numpy().copy())
 
 
 def _sign_pm1(w: torch.Tensor) -> np.ndarray:
@@ -271,7 +271,7 @@ class PackedModel:
     def _classify(self, step: _Step, acc: np.ndarray) -> torch.Tensor:
         """acc (B, H, W, M) int32 channels-last -> logits (B, classes), a new tensor."""
         pool, alpha, beta, gap, weight, bias = step.tail
-        logits = np.empty((acc.shape[0], weight.shape[1]), np.float32)
+        logits = np.empty((acc.shape[0], weight.shape[0]), np.float32)
         cpu.classify(acc, *pool, alpha, beta, gap, weight, bias, logits)
         return torch.from_numpy(logits)
 

@@ -152,18 +152,21 @@ def _gemm(a, w, k, out):
 
 
 @njit(parallel=True, cache=True)
-def _gemm_sign(a, w, k, s, t, out):
-    """GEMM + folded BatchNorm/sign: bit j of an output row = (s[j] * acc[j] >= t[j])."""
+def _gemm_sign(a, w, limit, flip, out):
+    """GEMM + folded BatchNorm/sign on mismatch counts: bit j of an output row =
+    (mismatches[j] <= limit[j]) ^ flip bit j (see `binary_gemm_sign`)."""
     n, m = a.shape[0], w.shape[1]  # out (N, M_words) packed channels
     for blk in prange((n + ROWS - 1) // ROWS):
         r0 = blk * ROWS
         acc = np.empty((ROWS, m), np.int32)
         _mismatch_counts(a, w, r0, acc)
         for rr in range(min(ROWS, n - r0)):
-            out[r0 + rr, :] = 0
-            for j in range(m):
-                hit = s[j] * (k - 2 * acc[rr, j]) >= t[j]
-                out[r0 + rr, j // 64] |= np.uint64(hit) << np.uint64(j % 64)
+            for q in range(out.shape[1]):
+                base = 64 * q
+                word = np.uint64(0)  # in a register, from a loop starting at 0: vectorises
+                for j in range(min(64, m - base)):
+                    word |= np.uint64(acc[rr, base + j] <= limit[base + j]) << np.uint64(j)
+                out[r0 + rr, q] = word ^ flip[q]
     return out
 
 
@@ -245,9 +248,26 @@ def binary_gemm_sign(a_packed: np.ndarray, w_packed: np.ndarray, k: int, s: Arra
     -> (N, M_words) uint64 packed bits, bit j = (s[j] * acc[j] >= t[j]) (1 means +1)."""
     _check_words(a_packed, w_packed, k)
     out = _buffer(out, (a_packed.shape[0], n_words(w_packed.shape[1])), np.uint64)
-    s64, t64 = as_numpy(s).astype(np.int64), as_numpy(t).astype(np.int64)
     a, w = np.ascontiguousarray(a_packed), np.ascontiguousarray(w_packed)
-    return _gemm_sign(a, w, k, s64, t64, out)
+    return _gemm_sign(a, w, *mismatch_limits(s, t, k), out)
+
+
+def mismatch_limits(s: Array, t: Array, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`s * acc >= t` with acc = K - 2 * mismatches, rewritten as one compare on the mismatch
+    count: `(mismatches <= limit) ^ flip` -> (limit (M,) int32, flip (M_words,) uint64).
+
+    s = +1:  mismatches <= floor((K - t) / 2)
+    s = -1:  mismatches >= ceil((K + t) / 2)  = not (mismatches <= ceil((K + t) / 2) - 1)
+    s =  0:  constant 0 >= t: limit K (always) or -1 (never)"""
+    s64, t64 = as_numpy(s).astype(np.int64), as_numpy(t).astype(np.int64)
+    if not np.isin(s64, (-1, 0, 1)).all():
+        raise ValueError(f"s must hold -1, 0 or +1 per channel, got {np.unique(s64).tolist()}")
+    limit = np.where(s64 > 0, (k - t64) // 2, -((-(k + t64)) // 2) - 1)
+    limit = np.where(s64 == 0, np.where(t64 <= 0, k, -1), limit)
+    bits = np.zeros(n_words(len(s64)) * 64, bool)
+    bits[:len(s64)] = s64 < 0
+    flip = np.packbits(bits, bitorder="little").view("<u8").astype(np.uint64)
+    return np.clip(limit, -1, k).astype(np.int32), flip
 
 
 def _conv_cols(x: Array, w: Array | PackedConvWeight, stride: int,
@@ -320,47 +340,49 @@ def _float_conv_sign(x, wt, alpha, beta, stride, pad, kh, kw, out):
                                 acc[ox, co] += xv * wt[tap, co]
         for ox in range(ow):
             for q in range(cw):
-                out[bi, oy, ox, q] = 0
-            for co in range(cout):
-                hit = acc[ox, co] * alpha[co] + beta[co] >= 0
-                out[bi, oy, ox, co // 64] |= np.uint64(hit) << np.uint64(co % 64)
+                base = 64 * q
+                word = np.uint64(0)
+                for j in range(min(64, cout - base)):
+                    hit = acc[ox, base + j] * alpha[base + j] + beta[base + j] >= 0
+                    word |= np.uint64(hit) << np.uint64(j)
+                out[bi, oy, ox, q] = word
     return out
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=True)
 def _classify(acc, pool_k, pool_s, pool_p, alpha, beta, gap, wc, bias, out):
     """Integer layer outputs -> logits: max pool (pool_k > 1) -> BN (alpha * v + beta) ->
-    flatten or global average -> linear.
+    flatten or global average -> linear. fastmath lets the dot products vectorise (the sums
+    are reordered; the inputs are finite).
 
-    acc (B, H, W, C) int32 channels-last; wc (F, classes) float32 with F = PH * PW * C in
+    acc (B, H, W, C) int32 channels-last; wc (classes, F) float32 with F = PH * PW * C in
     channels-last order (flatten) or C (gap); out (B, classes) float32."""
     b, h, w, c = acc.shape
     ph, pw = (h + 2 * pool_p - pool_k) // pool_s + 1, (w + 2 * pool_p - pool_k) // pool_s + 1
-    classes = wc.shape[1]
+    classes = wc.shape[0]
     for bi in prange(b):
         feat = np.zeros(ph * pw * c if not gap else c, np.float32)
+        m = np.empty(c, np.int32)
         for py in range(ph):
             for px in range(pw):
+                m[:] = -2147483647
+                for i in range(pool_k):
+                    iy = py * pool_s + i - pool_p
+                    for j in range(pool_k):
+                        ix = px * pool_s + j - pool_p
+                        if 0 <= iy < h and 0 <= ix < w:
+                            for ch in range(c):  # vectorised over channels
+                                m[ch] = max(m[ch], acc[bi, iy, ix, ch])
+                base = 0 if gap else (py * pw + px) * c
                 for ch in range(c):
-                    m = np.int32(-2147483647)
-                    for i in range(pool_k):
-                        iy = py * pool_s + i - pool_p
-                        for j in range(pool_k):
-                            ix = px * pool_s + j - pool_p
-                            if 0 <= iy < h and 0 <= ix < w and acc[bi, iy, ix, ch] > m:
-                                m = acc[bi, iy, ix, ch]
-                    v = np.float32(m) * alpha[ch] + beta[ch]
-                    if gap:
-                        feat[ch] += v
-                    else:
-                        feat[(py * pw + px) * c + ch] = v
+                    feat[base + ch] += np.float32(m[ch]) * alpha[ch] + beta[ch]
         if gap:
             feat /= np.float32(ph * pw)
         for k in range(classes):
-            out[bi, k] = bias[k]
-        for f in range(feat.shape[0]):
-            for k in range(classes):
-                out[bi, k] += feat[f] * wc[f, k]
+            dot = np.float32(0)
+            for f in range(feat.shape[0]):
+                dot += feat[f] * wc[k, f]
+            out[bi, k] = dot + bias[k]
     return out
 
 
@@ -383,19 +405,20 @@ def float_conv_sign(x: Array, w: Array, alpha: Array, beta: Array, stride: int =
 
 
 def classify(acc: np.ndarray, pool_k: int, pool_s: int, pool_p: int, alpha: Array, beta: Array,
-             gap: bool, weight: np.ndarray, bias: Array, out: np.ndarray | None = None
+             gap: bool, weight: Array, bias: Array, out: np.ndarray | None = None
              ) -> np.ndarray:
     """Logits from a layer's integer outputs: max pool (`pool_k` 1 = none) -> BN as
-    `alpha * v + beta` -> flatten (channels-last order) or global average -> `v @ weight + bias`.
-    acc (B, H, W, C) int32; weight (F, classes) -> (B, classes) float32."""
+    `alpha * v + beta` -> flatten (channels-last order) or global average -> linear layer
+    `v @ weight.T + bias`. acc (B, H, W, C) int32; weight (classes, F), as `nn.Linear` keeps
+    it -> (B, classes) float32."""
     a = np.ascontiguousarray(acc, np.int32)
     b, h, w, c = a.shape
     ph, pw = (h + 2 * pool_p - pool_k) // pool_s + 1, (w + 2 * pool_p - pool_k) // pool_s + 1
     features = c if gap else ph * pw * c
-    if weight.shape[0] != features:
-        raise ValueError(f"classifier weight has {weight.shape[0]} features, the layer gives "
-                         f"{features}")
+    wn = np.ascontiguousarray(as_numpy(weight), np.float32)
+    if wn.ndim != 2 or wn.shape[1] != features:
+        raise ValueError(f"classifier weight {wn.shape} does not take the layer's {features} "
+                         f"features")
     vecs = [np.ascontiguousarray(as_numpy(v), np.float32) for v in (alpha, beta, bias)]
-    out = _buffer(out, (b, weight.shape[1]), np.float32)
-    return _classify(a, pool_k, pool_s, pool_p, vecs[0], vecs[1], gap,
-                     np.ascontiguousarray(weight, np.float32), vecs[2], out)
+    out = _buffer(out, (b, wn.shape[0]), np.float32)
+    return _classify(a, pool_k, pool_s, pool_p, vecs[0], vecs[1], gap, wn, vecs[2], out)
