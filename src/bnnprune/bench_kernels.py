@@ -21,8 +21,6 @@ import argparse
 import json
 import os
 import platform
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numba
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bnnprune.benchmark import time_interleaved
 from bnnprune.kernels import cpu
 
 # Conv layers of a compact CNN on 28x28 input, batch 64, and the DESIGN.md example:
@@ -39,27 +38,14 @@ DEFAULT_CONVS = [(64, 32, 28, 28, 32), (64, 32, 14, 14, 64), (64, 64, 14, 14, 64
 DEFAULT_SHAPES = [(b * h * w, cin * 9, cout) for b, cin, h, w, cout in DEFAULT_CONVS]
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
-                     warmup: int) -> dict[str, tuple[float, float]]:
-    """(median, min) wall seconds per call of each fn; one call of each per round, rotating
-    order. The min is the least disturbed run when other processes share the cores."""
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(warmup + repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            fns[name]()
-            if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: (float(np.median(ts)), float(np.min(ts))) for name, ts in times.items()}
-
-
-def _summary(t: dict[str, tuple[float, float]], base: str, names: list[str]) -> dict:
-    """ms per method (median and min) and speedups of each name over `base`."""
+def _summary(ms: dict[str, list[float]], base: str, names: list[str]) -> dict:
+    """ms per method (median and min: the least disturbed run when other processes share the
+    cores) and speedups of each name over `base`."""
+    t = {name: (float(np.median(v)), float(np.min(v))) for name, v in ms.items()}
     out = {}
     for name in [base, *names]:
         key = name.replace("+", "_")
-        out[f"{key}_ms"], out[f"{key}_min_ms"] = 1e3 * t[name][0], 1e3 * t[name][1]
+        out[f"{key}_ms"], out[f"{key}_min_ms"] = t[name]
     for name in names:
         key = name.replace("+", "_")
         out[f"speedup_{key}"] = t[base][0] / t[name][0]
@@ -82,7 +68,7 @@ def bench_gemm(n: int, k: int, m: int, repeats: int, warmup: int, seed: int = 0)
         "gemm": lambda: cpu.binary_gemm(a_packed, w_packed, k, out=g_out),
         "pack+gemm": lambda: cpu.binary_gemm(cpu.pack_rows(a_np, out=p_out), w_packed, k,
                                              out=g_out),
-    }, repeats, warmup)
+    }, warmup, repeats)
     return {"n": n, "k": k, "m": m, **_summary(t, "torch", ["gemm", "pack+gemm"]), "exact": exact}
 
 
@@ -97,7 +83,7 @@ def bench_conv(b: int, cin: int, h: int, w: int, cout: int, repeats: int, warmup
     t = time_interleaved({
         "torch": lambda: F.conv2d(xb, wt),
         "packed": lambda: cpu.binary_conv2d(x_np, pw, 1, 1),
-    }, repeats, warmup)
+    }, warmup, repeats)
     return {"b": b, "cin": cin, "h": h, "w": w, "cout": cout,
             **_summary(t, "torch", ["packed"]), "exact": exact}
 
