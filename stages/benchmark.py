@@ -5,7 +5,7 @@ packed engine's prediction parity with torch on the full test set."""
 import hashlib
 from pathlib import Path
 
-from bnnprune.benchmark import flat_metrics, latency_rows, run_benchmark
+from bnnprune.benchmark import BACKENDS, flat_metrics, latency_rows, run_benchmark
 from bnnprune.cli import run_stage
 from bnnprune.config import as_dict, load_params
 from bnnprune.data import load_prepared, normalize
@@ -39,7 +39,7 @@ def main() -> None:
         log_metrics(flat_metrics(result))
         log_artifacts(METRICS, PLOT)
     for name, m in result["models"].items():
-        for b in ("torch_float", "packed_cpu"):
+        for b in (b for b in BACKENDS if b in m):
             r = m[b]
             print(f"benchmark: {name:8s} {b:11s} {r['latency_ms_median']:8.2f} ms/batch "
                   f"[{r['latency_ms_min']:.2f}, {r['latency_ms_max']:.2f}]  "

@@ -128,3 +128,72 @@ def test_error_without_gpu_or_interpreter():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120)
     assert "RuntimeError" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("b,cin,h,w,k,stride,pad", [
+    (2, 1, 4, 5, 3, 1, 1), (1, 5, 5, 4, 3, 2, 2), (1, 32, 3, 3, 3, 1, 1), (2, 33, 3, 4, 1, 1, 0),
+    (1, 40, 4, 4, 5, 2, 2)])
+def test_im2col_pack_bits(b, cin, h, w, k, stride, pad):
+    """Packed channels-last bits in, the same columns as `im2col_pack` of the values."""
+    x = rand(b, cin, h, w, seed=cin)
+    bits = tk.pack_rows(x.permute(0, 2, 3, 1).reshape(-1, cin)).view(b, h, w, -1)
+    want = tk.im2col_pack(x, k, k, stride, pad)
+    got = tk.im2col_pack_bits(bits, cin, k, k, stride, pad)
+    assert got.dtype == torch.int32 and got.shape == want.shape and (got == want).all()
+
+
+def test_im2col_pack_bits_reads_fused_conv_output():
+    """Chained: conv -> BN + sign as packed bits -> im2col_pack_bits -> conv, vs the reference."""
+    x, w1, w2 = rand(2, 3, 5, 5, seed=20), rand(35, 3, 3, 3, seed=21), rand(2, 35, 3, 3, seed=22)
+    s, t = ref.fold_bn_sign(*bn_params(35, seed=23))
+    bits = tk.binary_conv2d_sign(x, w1, s, t, 1, 1, packed=True)  # (2, 5, 5, 2)
+    pm1 = tk.binary_conv2d_sign(x, w1, s, t, 1, 1)  # (2, 35, 5, 5) int8 ±1
+    cols = tk.im2col_pack_bits(bits, 35, 3, 3, 2, 1)
+    got = tk.binary_gemm(cols, tk.pack_conv_weight(w2), 3 * 3 * 35).view(2, 3, 3, 2)
+    assert (got.permute(0, 3, 1, 2) == ref.binary_conv2d_ref(pm1.float(), w2, 2, 1)).all()
+
+
+def test_im2col_pack_bits_rejects_wrong_word_count():
+    with pytest.raises(ValueError, match="channel words"):
+        tk.im2col_pack_bits(torch.zeros(1, 3, 3, 2, dtype=torch.int32), 32, 3, 3)
+
+
+COMPILE_CHECK = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import bnnprune.kernels.triton_kernels as tk
+
+assert not tk.INTERPRET
+ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
+im2col = {**ints("C", "H", "W", "OH", "OW", "NROWS", "K", "KWORDS", "KWID", "stride_xb",
+                 "stride_xc", "stride_xh", "stride_xw", "STRIDE", "PAD"),
+          "PACKED": "constexpr", "BLOCK_N": "constexpr", "BLOCK_W": "constexpr"}
+gemm = {"a_ptr": "*i32", "w_ptr": "*i32", "out_ptr": "*i32", "s_ptr": "*i32", "t_ptr": "*i32",
+        **ints("N", "M", "K", "KWORDS", "OUT_COLS"), "EPILOGUE": "constexpr",
+        "BLOCK_N": "constexpr", "BLOCK_M": "constexpr", "BLOCK_KW": "constexpr"}
+for fn, sig, const in [
+        (tk._im2col_pack_kernel, {"x_ptr": "*i32", "out_ptr": "*i32", **im2col},
+         {"PACKED": True, "BLOCK_N": 32, "BLOCK_W": 4}),
+        (tk._im2col_pack_kernel, {"x_ptr": "*fp32", "out_ptr": "*i32", **im2col},
+         {"PACKED": False, "BLOCK_N": 32, "BLOCK_W": 4}),
+        (tk._gemm_kernel, gemm, {"EPILOGUE": 2, "BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_KW": 4})]:
+    names = list(sig)
+    src = ASTSource(fn=fn, signature=sig,
+                    constexprs={(names.index(k),): v for k, v in const.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 80, 32), options={"num_warps": 4})
+    assert kernel.asm["cubin"], fn
+    if fn is tk._gemm_kernel:
+        assert "popc" in kernel.asm["ptx"]
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_a_gpu_target(tmp_path):
+    """Compiled mode (not the interpreter) builds PTX and a cubin for sm_80 ahead of time, with
+    triton's bundled ptxas; no GPU needed. Covers the packed-bits im2col and the bits GEMM."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path),
+           "TRITON_DEFAULT_FP_FUSION": "1"}
+    out = subprocess.run([sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.stdout.strip().endswith("compiled"), out.stderr[-3000:]

@@ -3,12 +3,17 @@
 Backends
   torch_float  the model as trained (±1 values in float32), torch CPU
   packed_cpu   `engine.PackedModel` (bit-packed numba XNOR-popcount kernels)
-  triton_cuda  skipped with a reason: needs a CUDA GPU, and no whole-model Triton engine exists
-               yet (interpreter timings on CPU are not speeds, so none are reported)
+  triton_cuda  `triton_engine.TritonModel` (Triton XNOR-popcount kernels) on the CUDA GPU, when
+               torch sees one; each timed call ends with `torch.cuda.synchronize()`, so it
+               measures the finished batch (input already on the GPU, logits left there). Without
+               a GPU, or with TRITON_INTERPRET=1, it is skipped with the reason: interpreter
+               timings are not speeds, so none are reported.
 
 Every (model, backend) pair is timed in one interleaved loop: after `warmup` calls of each,
-each round calls every pair once in a rotating order, so machine noise hits all alike. Reported
+each round calls every pair once in a rotating order, so machine noise hits all alike (the
+Triton engines are called once before, so compiling and autotuning are never timed). Reported
 per pair: median / min / max / quartiles of ms per batch and images/s at the median.
+Prediction mismatches against the torch model on the CPU are counted per engine backend.
 Speedups are latency ratios baseline / pruned (> 1: the pruned model is faster), the report's
 convention; `backends` holds the per-backend view `report.py` and `gate.py` read
 (keys `cpu` = packed_cpu, `torch` = torch_float, `triton` = triton_cuda).
@@ -32,6 +37,7 @@ from bnnprune.ops import count_ops
 
 BACKENDS = ("torch_float", "packed_cpu", "triton_cuda")
 REPORT_KEYS = {"packed_cpu": "cpu", "torch_float": "torch", "triton_cuda": "triton"}
+TRITON_DEVICE = "cuda"
 
 
 def cpu_model() -> str:
@@ -62,10 +68,16 @@ def machine_info(threads: int) -> dict[str, Any]:
 
 
 def skipped_backends() -> dict[str, str]:
+    """Backends that cannot be timed here, with the reason."""
     if not torch.cuda.is_available():
         return {"triton_cuda": "no CUDA GPU (torch.cuda.is_available() is False); Triton "
                                "interpreter timings on CPU are not speeds"}
-    return {"triton_cuda": "no whole-model Triton engine implemented yet (only kernels)"}
+    from bnnprune.kernels import triton_kernels  # imports triton: only with a GPU
+
+    if triton_kernels.INTERPRET:
+        return {"triton_cuda": "TRITON_INTERPRET=1 was set when the Triton kernels were "
+                               "imported; interpreter timings are not speeds"}
+    return {}
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int,
@@ -95,9 +107,10 @@ def summarize(ms: list[float], batch_size: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def prediction_mismatches(model: BNN, engine: PackedModel, images: torch.Tensor,
-                          batch_size: int = 500) -> dict[str, float]:
-    """Images whose packed-engine argmax differs from torch's, and the max |logit diff|."""
+def prediction_mismatches(model: BNN, engine: Callable[[torch.Tensor], torch.Tensor],
+                          images: torch.Tensor, batch_size: int = 500) -> dict[str, float]:
+    """Images whose engine argmax differs from the torch model's, and the max |logit diff|;
+    `engine` maps a CPU batch to CPU logits."""
     mismatches, max_diff = 0, 0.0
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size]
@@ -129,7 +142,15 @@ def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     x = images[:batch_size].contiguous()
     batch = len(x)
+    skipped = skipped_backends()
     engines = {name: PackedModel.from_model(m) for name, m in models.items()}
+    triton_engines: dict[str, Any] = {}
+    if "triton_cuda" not in skipped:
+        from bnnprune.triton_engine import TritonModel  # imports triton: only with a GPU
+
+        device = torch.device(TRITON_DEVICE)
+        x_dev = x.to(device)
+        triton_engines = {name: TritonModel.from_model(m, device) for name, m in models.items()}
     fns: dict[str, Callable[[], Any]] = {}
     for name, m in models.items():
         def run_torch(m=m):
@@ -137,11 +158,17 @@ def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads:
                 return m(x)
         fns[f"{name}/torch_float"] = run_torch
         fns[f"{name}/packed_cpu"] = lambda e=engines[name]: e(x)
+        if name in triton_engines:
+            def run_triton(e=triton_engines[name]):
+                out = e(x_dev)
+                torch.cuda.synchronize()  # kernels run asynchronously: wait for the batch
+                return out
+            run_triton()  # compile and autotune for this shape outside the timed loop
+            fns[f"{name}/triton_cuda"] = run_triton
     load_before = load_average()
     times = time_interleaved(fns, warmup, repeats)
     machine = machine_info(threads)
     machine["load_average_before"] = load_before
-    skipped = skipped_backends()
     ran = [b for b in BACKENDS if b not in skipped]
 
     per_model = {}
@@ -159,6 +186,12 @@ def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads:
     checks = check_images if check_images is not None else images
     mism = {name: prediction_mismatches(models[name], engines[name], checks)
             for name in models}
+    mism_by_backend = {"packed_cpu": mism}
+    if triton_engines:
+        mism_by_backend["triton_cuda"] = {
+            name: prediction_mismatches(models[name],
+                                        lambda b, e=e: e(b.to(e.device)).cpu(), checks)
+            for name, e in triton_engines.items()}
     backends: dict[str, dict[str, Any]] = {}
     for b in BACKENDS:
         if b in skipped:
@@ -178,7 +211,8 @@ def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads:
                          "packed_ms": med(pruned, "packed_cpu"),
                          "float_ms": med(pruned, "torch_float")},
         "skipped": skipped,
-        "prediction_mismatches": mism,
+        "prediction_mismatches": mism,  # packed_cpu, as before
+        "prediction_mismatches_by_backend": mism_by_backend,
         "backends": backends,
     }
 
@@ -202,6 +236,9 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
                 out[f"{name}_{b}_throughput_ips"] = m[b]["throughput_ips"]
         out[f"{name}_bnn_vs_float"] = result["bnn_vs_float"][name]
         out[f"{name}_prediction_mismatches"] = result["prediction_mismatches"][name]["mismatches"]
+        for b, mm in result.get("prediction_mismatches_by_backend", {}).items():
+            if b != "packed_cpu":
+                out[f"{name}_{b}_prediction_mismatches"] = mm[name]["mismatches"]
     for b, s in result["speedup"].items():
         out[f"speedup_{b}"] = s
         out[f"speedup_vs_ops_ratio_{b}"] = result["speedup_vs_ops_ratio"][b]

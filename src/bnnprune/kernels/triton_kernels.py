@@ -3,7 +3,9 @@
 Words are 32 bits, stored in torch int32 tensors (bit convention in `pack.py`: value >= 0 is
 bit 1, K contiguous, zero tail). Both GEMM operands are row-major packed rows:
 activations (N, K_words), weights (M, K_words). Convolutions reduce over K = kh * kw * Cin in
-channels-last order (tap, channel) like the CPU backend, and pad sign(x) with +1.
+channels-last order (tap, channel) like the CPU backend, and pad sign(x) with +1. im2col reads
+real values (`im2col_pack`) or channels-last packed bits (`im2col_pack_bits`, the packed output
+of a folded BN + sign), so conv -> conv can stay in bits.
 
 Mode is fixed when this module is imported:
   * compiled (default): needs a CUDA GPU; popcount is `libdevice.popc`, kernels autotune.
@@ -90,9 +92,11 @@ def _pack_kernel(x_ptr, out_ptr, N, K, KWORDS, stride_xn, stride_xk,
 @triton.jit
 def _im2col_pack_kernel(x_ptr, out_ptr, C, H, W, OH, OW, NROWS, K, KWORDS, KWID,
                         stride_xb, stride_xc, stride_xh, stride_xw, STRIDE, PAD,
-                        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                        PACKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
     """x (B, C, H, W) any strides -> out (B * OH * OW, KWORDS) int32, k = (i * KWID + j) * C + c,
-    bit = sign(x) >= 0 inside the image and 1 (pad value +1) outside."""
+    bit = sign(x) >= 0 inside the image and 1 (pad value +1) outside.
+    PACKED: x holds int32 words of packed channels, element (b, c // 32, y, x) at the strides
+    given, and the bit of channel c is bit c % 32 of that word."""
     r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output pixel (b, oy, ox)
     rw = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     k = tl.program_id(1) * BLOCK_W * 32 + tl.arange(0, BLOCK_W * 32)
@@ -102,9 +106,17 @@ def _im2col_pack_kernel(x_ptr, out_ptr, C, H, W, OH, OW, NROWS, K, KWORDS, KWID,
     ix = ox[:, None] * STRIDE + (tap % KWID)[None, :] - PAD
     valid = (r[:, None] < NROWS) & (k[None, :] < K)
     inside = valid & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-    offs = b[:, None].to(tl.int64) * stride_xb + c[None, :] * stride_xc + iy * stride_xh
+    if PACKED:
+        cidx = c // 32  # (BLOCK_W * 32,) index along the channel stride: the word of channel c
+    else:
+        cidx = c
+    offs = b[:, None].to(tl.int64) * stride_xb + cidx[None, :] * stride_xc + iy * stride_xh
     x = tl.load(x_ptr + offs + ix * stride_xw, mask=inside, other=0)
-    bit = valid & ((x >= 0) | ~inside)
+    if PACKED:
+        on = ((x >> (c % 32)[None, :]) & 1) != 0  # bit c % 32 of the word
+    else:
+        on = x >= 0
+    bit = valid & (on | ~inside)
     words = _bits_to_words(bit.to(tl.int32), BLOCK_W)
     out_mask = (r[:, None] < NROWS) & (rw[None, :] < KWORDS)
     tl.store(out_ptr + r[:, None].to(tl.int64) * KWORDS + rw[None, :], words, mask=out_mask)
@@ -165,7 +177,8 @@ _PACK_FIXED = {"BLOCK_N": 4, "BLOCK_W": 2}
 _GEMM_FIXED = {"BLOCK_N": 8, "BLOCK_M": 32, "BLOCK_KW": 2}
 
 _pack_tuned = triton.autotune(_PACK_CONFIGS, key=["N", "KWORDS"])(_pack_kernel)
-_im2col_tuned = triton.autotune(_PACK_CONFIGS, key=["NROWS", "KWORDS"])(_im2col_pack_kernel)
+_im2col_tuned = triton.autotune(_PACK_CONFIGS, key=["NROWS", "KWORDS", "PACKED"])(
+    _im2col_pack_kernel)
 _gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["N", "M", "KWORDS", "EPILOGUE"])(_gemm_kernel)
 
 
@@ -231,7 +244,30 @@ def im2col_pack(x: torch.Tensor, kh: int, kw: int, stride: int = 1,
         return triton.cdiv(nrows, meta["BLOCK_N"]), triton.cdiv(kwords, meta["BLOCK_W"])
 
     _launch(_im2col_pack_kernel, _im2col_tuned, _PACK_FIXED, grid, x, out, c, h, w, oh, ow,
-            nrows, k, kwords, kw, *x.stride(), stride, padding)
+            nrows, k, kwords, kw, *x.stride(), stride, padding, PACKED=False)
+    return out
+
+
+def im2col_pack_bits(bits: torch.Tensor, channels: int, kh: int, kw: int, stride: int = 1,
+                     padding: int = 0) -> torch.Tensor:
+    """Like `im2col_pack`, on activations already packed channels-last: bits (B, H, W,
+    ceil(channels / 32)) int32 (bit c % 32 of word c // 32 is channel c; the packed output of
+    `binary_conv2d_sign(..., packed=True)`) -> (B * OH * OW, ceil(kh*kw*channels / 32)) int32,
+    padded with +1."""
+    dev = _check(bits)
+    b, h, w, cwords = bits.shape
+    if cwords != n_words32(channels):
+        raise ValueError(f"{cwords} channel words cannot hold {channels} channels")
+    oh, ow = _out_size(h, kh, stride, padding), _out_size(w, kw, stride, padding)
+    nrows, k = b * oh * ow, kh * kw * channels
+    kwords = n_words32(k)
+    out = torch.empty((nrows, kwords), dtype=torch.int32, device=dev)
+    def grid(meta):
+        return triton.cdiv(nrows, meta["BLOCK_N"]), triton.cdiv(kwords, meta["BLOCK_W"])
+
+    sb, sh, sw, sc = bits.stride()  # element (b, c // 32, y, x) of the kernel's NCHW view
+    _launch(_im2col_pack_kernel, _im2col_tuned, _PACK_FIXED, grid, bits, out, channels, h, w,
+            oh, ow, nrows, k, kwords, kw, sb, sc, sh, sw, stride, padding, PACKED=True)
     return out
 
 

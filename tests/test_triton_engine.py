@@ -1,0 +1,111 @@
+"""Whole-model Triton engine vs the torch model, under the interpreter (TRITON_INTERPRET=1, CPU
+tensors): tiny models, random weights and BatchNorm statistics.
+
+The variable must be set before the kernel module is imported (it picks popcount and
+autotuning at import), so it is set here before any bnnprune / triton import."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import bnnprune.kernels.triton_kernels as tk  # noqa: E402
+from bnnprune.models import build_model, model_config  # noqa: E402
+from bnnprune.triton_engine import TritonModel  # noqa: E402
+
+if not tk.INTERPRET:  # imported earlier in compiled mode by another test module
+    tk = importlib.reload(tk)  # in place: triton_engine reads the kernels off this module
+
+
+def randomize_bn(model, seed=0):
+    """Random BN statistics (as tests/test_engine.py): some gamma < 0, a constant channel."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                n = m.num_features
+                m.weight.copy_(torch.randn(n, generator=g))
+                m.weight[0] = 0.0
+                m.bias.copy_(torch.randn(n, generator=g))
+                m.running_mean.copy_(torch.randn(n, generator=g) * 3)
+                m.running_var.copy_(torch.rand(n, generator=g) * 20 + 0.5)
+    return model.eval()
+
+
+def tiny(arch, in_shape, width, channels=None, seed=0):
+    cfg = model_config(arch, width, in_shape, 10)
+    if channels is not None:
+        cfg["channels"] = channels
+    return randomize_bn(build_model(cfg, seed=seed), seed)
+
+
+def kinds(engine):
+    """Per step: its kind, and for binary steps how its output leaves it."""
+    return [s.kind if s.kind == "torch" else
+            f"{s.kind}:" + ("bits" if s.fused is not None else
+                            "pooled" if s.pooled is not None else "bn")
+            for s in engine.steps]
+
+
+# (arch, in_shape, width, channels, expected steps with fusion)
+CASES = [
+    ("cnn", [1, 8, 8], 0.25, None,
+     ["torch", "conv:pooled", "conv:bits", "conv:pooled", "conv:bits", "conv:bn"]),
+    # pruned, odd channel counts; 37 channels = 2 packed words between two fused convs
+    ("cnn", [3, 8, 8], 0.25, [8, 5, 37, 9, 3, 7],
+     ["torch", "conv:pooled", "conv:bits", "conv:pooled", "conv:bits", "conv:bn"]),
+    # flatten from a conv into binary linears; linear -> linear on packed rows
+    ("alexnet", [1, 12, 12], 0.1, [6, 19, 7, 13, 9, 35, 11],
+     ["torch", "conv:pooled", "conv:bits", "conv:bits", "conv:bn", "linear:bits",
+      "linear:bn"]),
+    # 1x1 and 5x5 convs, average pooling (not fused), global-average head
+    ("nin", [1, 8, 8], 0.1, [7, 5, 9, 6, 5, 7, 5, 6],
+     ["torch", "conv:bits", "conv:pooled", "conv:bits", "conv:bits", "conv:bn", "conv:bits",
+      "conv:bn"]),
+]
+
+
+@pytest.mark.parametrize("arch,in_shape,width,channels,steps", CASES,
+                         ids=[f"{c[0]}-{'x'.join(map(str, c[1]))}" for c in CASES])
+def test_engine_matches_torch(arch, in_shape, width, channels, steps):
+    model = tiny(arch, in_shape, width, channels)
+    engine = TritonModel.from_model(model, "cpu")
+    assert kinds(engine) == steps  # every path the case is meant to exercise is taken
+    x = torch.randn(2, *in_shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+    got = engine(x)
+    assert got.shape == ref.shape == (2, 10)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(1), ref.argmax(1))
+
+
+def test_unfused_matches_torch():
+    """fuse=False: every binary layer's BN runs in torch on the int32 outputs."""
+    model = tiny("cnn", [3, 8, 8], 0.25, [8, 5, 37, 9, 3, 7], seed=2)
+    engine = TritonModel.from_model(model, "cpu", fuse=False)
+    assert kinds(engine) == ["torch"] + ["conv:bn"] * 5
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(x)
+    got = engine(x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(1), ref.argmax(1))
+
+
+def test_from_model_copies_and_needs_eval():
+    model = tiny("cnn", [1, 8, 8], 0.25)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = TritonModel.from_model(model, "cpu")
+    assert engine.model is not model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # weights packed once, 32-bit words in int32, K = kh * kw * Cin
+    conv = engine.steps[1]
+    assert conv.words.dtype == torch.int32
+    assert conv.words.shape == (8, tk.n_words32(3 * 3 * 8)) and conv.k == 72
+    with pytest.raises(ValueError, match="eval"):
+        TritonModel.from_model(model.train(), "cpu")
