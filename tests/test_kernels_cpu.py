@@ -244,3 +244,27 @@ def test_classify_matches_torch_head(pool, gap):
     torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="features"):
         cpu.classify(acc.numpy(), *pool, alpha, beta, gap, weight[:, 1:], linear.bias)
+
+
+def test_mismatch_limits_are_the_threshold_compare_and_pruned_widths_stay_exact():
+    """`(mismatches <= limit) ^ flip` == `s * acc >= t` for every reachable acc, and ragged
+    (pruned) output widths, padded to whole vectors inside the GEMM, give exact results."""
+    k, m = 75, 25
+    s = torch.tensor([1, -1, 0, 0, 1, -1] * 4 + [1])
+    t = torch.tensor([-80, 3, 0, 1, 75, -76, 10, 0, 0, 5, -3, 77] * 2 + [76])
+    limit, flip = cpu.mismatch_limits(s, t, k)
+    flips = unpack_pm1(flip[None], m)[0] > 0
+    for mism in range(k + 1):
+        acc = k - 2 * mism
+        want = (s * acc >= t).numpy()
+        assert ((mism <= limit) ^ flips == want).all(), mism
+    a, w = rand(9, k, seed=40), rand(m, k, seed=41)
+    ap, wp = cpu.pack_rows(a), cpu.pack_weight(w)
+    assert cpu.pad_columns(wp).shape == (2, 32)
+    bits = cpu.binary_gemm_limits(ap, wp, limit, flip)
+    want = ref.threshold_sign_ref(ref.binary_gemm_ref(a, w), s, t)
+    assert (torch.from_numpy(unpack_pm1(bits, m)) == want).all()
+    with pytest.raises(ValueError, match="-1, 0 or \\+1"):
+        cpu.mismatch_limits(s * 2, t, k)
+    with pytest.raises(ValueError, match="shapes differ"):
+        cpu.binary_gemm_limits(ap, wp, limit[1:], flip)

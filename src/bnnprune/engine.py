@@ -89,6 +89,7 @@ class _Step:
     stride: int = 1
     pad: int = 0
     fused: tuple[np.ndarray, np.ndarray] | None = None  # (s, t): emit packed bits
+    limits: tuple[np.ndarray, np.ndarray] | None = None  # the same as `cpu.mismatch_limits`
     maxpool: tuple[int, int, int] | None = None  # (kernel, stride, padding) on fused bits
     masks: tuple[np.ndarray, np.ndarray] | None = None  # channel words: BN increasing / not
     stem: tuple | None = None  # (weight, alpha, beta): float conv + BN + sign in numba
@@ -221,6 +222,8 @@ class PackedModel:
                 if (step.kind in ("conv", "linear") and nxt.kind == step.kind
                         and (isinstance(pool, nn.Identity) or maxpool is not None)):
                     step.fused = exact_bn_sign_threshold(step.block.bn, step.k)
+                    if step.fused is not None:
+                        step.limits = cpu.mismatch_limits(*step.fused, step.k)
                     if step.fused is not None and maxpool is not None:
                         step.maxpool = maxpool
                         step.masks = _channel_masks(step.fused[0])
@@ -285,7 +288,7 @@ class PackedModel:
         m = step.words.shape[1]
         if step.fused is not None:
             out = step.buffer("bits", (b * oh * ow, n_words(m)), np.uint64)
-            cpu.binary_gemm_sign(cols, step.words, step.k, *step.fused, out=out)
+            cpu.binary_gemm_limits(cols, step.words, *step.limits, out=out)
             bits = out.reshape(b, oh, ow, -1)  # packed channels-last: the next conv's input
             return bits if step.maxpool is None else _maxpool_bits(bits, *step.maxpool,
                                                                    *step.masks)
@@ -301,7 +304,7 @@ class PackedModel:
         m = step.words.shape[1]
         if step.fused is not None:
             out = step.buffer("bits", (a.shape[0], n_words(m)), np.uint64)
-            return cpu.binary_gemm_sign(a, step.words, step.k, *step.fused, out=out)
+            return cpu.binary_gemm_limits(a, step.words, *step.limits, out=out)
         acc = step.buffer("acc", (a.shape[0], m), np.int32)
         cpu.binary_gemm(a, step.words, step.k, out=acc)
         if step.tail is not None:
