@@ -46,6 +46,9 @@ TINY = {
     "data": {"dataset": "synthetic", "subset": {"train": 200, "val": 50, "test": 50}},
     "model": {"width": 0.25},
     "train": {"epochs": 2, "batch_size": 32, "threads": 1},
+    # timing budgets: the numbers are not asserted on, only that the stages run and report
+    "export": {"latency_batch_sizes": [1, 8], "latency_repeats": 2, "threads": 1},
+    "benchmark": {"batch_size": 16, "threads": 1, "warmup": 1, "repeats": 2},
 }
 
 
@@ -75,8 +78,6 @@ def tiny_params(params: dict) -> dict:
     return params
 
 
-
-
 def copy_project(root: Path, **override) -> tuple[Path, dict]:
     """A committed copy of the repo (tracked + new files) with tiny params, and its env."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
@@ -93,4 +94,21 @@ def copy_project(root: Path, **override) -> tuple[Path, dict]:
     env.pop("DVC_EXP_NAME", None)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         sh(cmd, root, env)
+    return root, env
+
+
+@pytest.fixture(scope="session")
+def e2e_project(tmp_path_factory):
+    """One real `dvc repro` of the whole pipeline on tiny synthetic data, in a committed copy
+    of the repo: the most expensive set-up of the suite, shared by test_pipeline and
+    test_reliability's queued experiments (which may add experiments to it; the test that
+    changes the workspace, test_pipeline's `dvc exp run`, is the last of test_pipeline).
+    The prune rule is loosened (tau 0, floor 2 channels) so that the tiny network really
+    shrinks and export/benchmark/report measure a pruned model. MLflow tracks to a database
+    outside the project (as with a tracking server), which leaves the project's default
+    `mlflow.db` to the queued experiments."""
+    root, env = copy_project(tmp_path_factory.mktemp("e2e") / "repo",
+                             prune={"tau": 0, "min_channels": 2})
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root.parent / 'tracking.db'}"
+    sh(["dvc", "repro"], root, env)
     return root, env

@@ -168,10 +168,11 @@ def test_export_and_check_times_both_models_side_by_side(tmp_path, test_split):
         / result["models"]["pruned"]["latency_ms"]["batch_16"], rel=1e-3)
 
 
-def test_logged_mlflow_model_has_signature_and_runs(pruned, tmp_path):
+def test_logged_mlflow_model_has_signature_and_runs(pruned, tmp_path, monkeypatch):
     import mlflow
 
     _, path = pruned
+    monkeypatch.chdir(tmp_path)  # the default experiment's artifacts go to ./mlruns
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
         with mlflow.start_run() as run:

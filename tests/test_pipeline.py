@@ -1,4 +1,5 @@
-"""End to end: the real `dvc repro` on tiny synthetic data, in a temporary copy of the repo."""
+"""End to end: the real `dvc repro` on tiny synthetic data, in a temporary copy of the repo
+(the session fixture `e2e_project` in conftest.py, shared with test_reliability)."""
 
 import json
 
@@ -6,26 +7,28 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import copy_project, sh
+from conftest import sh
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root, env = copy_project(tmp_path_factory.mktemp("e2e") / "repo")
-    sh(["dvc", "repro"], root, env)
-    return root, env
+def stage_runs(env):
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    return client.search_runs([client.get_experiment_by_name("bnnprune").experiment_id])
 
 
-def test_repro_writes_every_declared_output_and_tracks_each_stage(project):
-    root, env = project
+def test_repro_writes_every_declared_output_and_tracks_each_stage(e2e_project):
+    root, env = e2e_project
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     for stage in lock["stages"].values():
         for out in stage.get("outs", []):
             assert (root / out["path"]).exists(), out["path"]
     train = json.loads((root / "reports/metrics/train.json").read_text())
     assert 0.0 <= train["test_acc"] <= 1.0 and train["flip_observations"] > 0
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("bnnprune").experiment_id])
+    # the pruned network really is smaller, and that is what the later stages measured
+    prune = json.loads((root / "reports/metrics/prune.json").read_text())
+    assert prune["total"]["bops_reduction_pct"] > 0
+    summary = json.loads((root / "reports/summary.json").read_text())
+    assert summary["reduction"]["bops_pct"] == pytest.approx(prune["total"]["bops_reduction_pct"])
+    runs = stage_runs(env)
     stages = {r.data.tags["stage"] for r in runs if r.info.status == "FINISHED"}
     assert set(lock["stages"]) <= stages
     train_run = next(r for r in runs if r.data.tags["stage"] == "train")
@@ -33,15 +36,24 @@ def test_repro_writes_every_declared_output_and_tracks_each_stage(project):
     assert train_run.data.metrics["test_acc"] == pytest.approx(train["test_acc"])
 
 
-def test_second_repro_is_a_no_op(project):
-    root, env = project
+def test_second_repro_is_a_no_op(e2e_project):
+    root, env = e2e_project
     out = sh(["dvc", "repro"], root, env).stdout
     assert "Data and pipelines are up to date" in out or "didn't change" in out
 
 
-def test_exp_run_with_override_shows_in_exp_show(project):
-    root, env = project
-    sh(["dvc", "exp", "run", "-n", "one-epoch", "-S", "train.epochs=1"], root, env)
+def test_exp_run_with_override_shows_in_exp_show(e2e_project):
+    """`dvc exp run -S` in the workspace (the README's first example), up to the stage the
+    override invalidates: the override reaches the stage, DVC records the experiment, and the
+    stage's MLflow run is tagged with the experiment's name. Changes the workspace: last."""
+    root, env = e2e_project
+    out = sh(["dvc", "exp", "run", "-n", "one-epoch", "-S", "train.epochs=1", "train"],
+             root, env).stdout
+    assert "Running stage 'train'" in out and "Running stage 'prepare'" not in out
     table = json.loads(sh(["dvc", "exp", "show", "--json"], root, env).stdout)
-    names = json.dumps(table)
-    assert "one-epoch" in names
+    revs = [rev for row in table for exp in row.get("experiments") or [] for rev in exp["revs"]]
+    one_epoch = next(rev for rev in revs if rev["name"] == "one-epoch")
+    assert one_epoch["data"]["params"]["params.yaml"]["data"]["train"]["epochs"] == 1
+    runs = [r for r in stage_runs(env) if r.data.tags.get("dvc_exp_name") == "one-epoch"]
+    assert [r.data.tags["stage"] for r in runs] == ["train"]
+    assert runs[0].info.status == "FINISHED" and runs[0].data.params["train.epochs"] == "1"
