@@ -26,6 +26,7 @@ BENCHMARK = {
         "torch": {"baseline_ms": 30.0, "pruned_ms": 24.0, "speedup": 1.25},
     },
     "bnn_vs_float": {"speedup": 4.8, "packed_ms": 6.25, "float_ms": 30.0},
+    "prediction_mismatches": {"baseline": {"mismatches": 0}, "pruned": {"mismatches": 3}},
     "config": {"batch_size": 64},
 }
 
@@ -101,6 +102,8 @@ def test_summary_schema_and_numbers(workspace, summary):
     export = json.loads((workspace / "reports/metrics/export.json").read_text())
     assert summary["speedup"]["onnxruntime"] == export["speedup"]["batch_8"]
     assert summary["bnn_vs_float"]["speedup"] == 4.8
+    assert summary["bnn_vs_float"]["prediction_mismatches"] == {"baseline": 0, "pruned": 3}
+    assert summary["ops_ratio"] == pytest.approx(b["ops"] / p["ops"])
     assert set(summary["criteria"]) == {"flip", "latent", "random"}
     assert summary["criteria"]["random"]["acc_drop_pt"] == pytest.approx(3.9)
     assert [r["channels_after"] for r in summary["layers"]] == PRUNED_CH[1:]
@@ -112,7 +115,11 @@ def test_markdown_names_the_winner_and_has_per_layer_tables_and_plots(workspace,
     assert "Winning pruning criterion on the measured runs: `latent`" in md
     assert ", by 0.80 pt over `flip`" in md
     assert "| blocks.3 | 16 | 10 | 0.300 |" in md
-    assert "| triton | n/a | no CUDA GPU" in md
+    assert "| triton | n/a | n/a | no CUDA GPU" in md
+    ratio = summary["ops_ratio"]
+    assert f"OPs ratio baseline / pruned: {ratio:.3f}" in md
+    assert f"| cpu | 1.60x | {1.6 / ratio:.2f} |" in md  # the speedup as a share of it
+    assert "predictions differing from torch on the test set: baseline 0, pruned 3." in md
     for name, rel in report.PLOTS.items():
         assert (workspace / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"(plots/{Path(rel).name})" in md

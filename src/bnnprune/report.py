@@ -162,6 +162,7 @@ def build_summary(inputs: dict[str, Any]) -> dict[str, Any]:
                       "ops_pct": reduction_pct(baseline["ops"], pruned["ops"]),
                       "size_pct": reduction_pct(baseline["size_bytes"], pruned["size_bytes"])},
         "acc_drop_pt": 100 * (base_acc - pruned_acc),
+        "ops_ratio": baseline["ops"] / pruned["ops"],
         "speedup": speedup,
         "speedup_unavailable": unavailable,
         "bnn_vs_float": bnn_vs_float(inputs["benchmark"]),
@@ -178,8 +179,10 @@ def build_summary(inputs: dict[str, Any]) -> dict[str, Any]:
 def bnn_vs_float(benchmark: dict) -> dict[str, Any]:
     """Packed CPU engine vs torch float32 on the same (pruned) model."""
     r = _get(benchmark, "bnn_vs_float", INPUTS["benchmark"][0])
+    mismatches = {name: m.get("mismatches") for name, m in
+                  benchmark.get("prediction_mismatches", {}).items()}
     return {"speedup": r.get("speedup"), "packed_ms": r.get("packed_ms"),
-            "float_ms": r.get("float_ms")}
+            "float_ms": r.get("float_ms"), "prediction_mismatches": mismatches}
 
 
 # ---- markdown and plots ----------------------------------------------------------------------
@@ -221,14 +224,21 @@ def markdown(s: dict[str, Any]) -> str:
     for r in s["layers"]:
         lines.append(f"| {r['layer']} | {r['channels_before']} | {r['channels_after']} | "
                      f"{_fmt(r['p_l'], '.3f')} | {r['bops_before']:,} | {r['bops_after']:,} |")
-    lines += ["", "## Speedup, pruned vs baseline", "", "| backend | speedup | note |",
-              "|---|---:|---|"]
+    ratio = s["ops_ratio"]
+    lines += ["", "## Speedup, pruned vs baseline", "",
+              f"OPs ratio baseline / pruned: {ratio:.3f} (what pruning could buy if latency "
+              f"followed OPs).", "", "| backend | speedup | share of OPs ratio | note |",
+              "|---|---:|---:|---|"]
     for backend, v in s["speedup"].items():
         note = s["speedup_unavailable"].get(backend, "")
-        lines.append(f"| {backend} | {_fmt(v, '.2f')}{'x' if v is not None else ''} | {note} |")
+        share = _fmt(None if v is None else v / ratio, ".2f")
+        lines.append(f"| {backend} | {_fmt(v, '.2f')}{'x' if v is not None else ''} | {share} "
+                     f"| {note} |")
     bf = s["bnn_vs_float"]
+    mism = ", ".join(f"{n} {m}" for n, m in bf.get("prediction_mismatches", {}).items())
     lines += ["", f"Packed CPU engine vs torch float32 on the same model: "
-              f"{_fmt(bf['speedup'], '.2f')}x.", "", "## Pruning criteria", "",
+              f"{_fmt(bf['speedup'], '.2f')}x; predictions differing from torch on the test "
+              f"set: {mism or 'not checked'}.", "", "## Pruning criteria", "",
               "| criterion | BOP reduction | test acc | acc drop |", "|---|---:|---:|---:|"]
     for c, r in s["criteria"].items():
         lines.append(f"| {c}{' (winner)' if c == w['criterion'] else ''} | "
