@@ -57,3 +57,16 @@ def test_exp_run_with_override_shows_in_exp_show(e2e_project):
     runs = [r for r in stage_runs(env) if r.data.tags.get("dvc_exp_name") == "one-epoch"]
     assert [r.data.tags["stage"] for r in runs] == ["train"]
     assert runs[0].info.status == "FINISHED" and runs[0].data.params["train.epochs"] == "1"
+
+
+def test_every_stage_imports_the_library_of_its_own_checkout(e2e_project):
+    """A queued or --temp experiment runs the stages in a copy of the repo: they must import
+    that copy's src/ (the code its dvc.lock records), not the editable install's."""
+    root, env = e2e_project
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        cmd = (stage.get("do") or stage)["cmd"]
+        prefix = cmd[:cmd.index("python stages/")]
+        probe = f"{prefix}python -c 'import bnnprune; print(bnnprune.__file__)'"
+        where = sh(["sh", "-c", probe], root, env).stdout.strip()
+        assert where.startswith(str(root / "src")), (name, where)
