@@ -50,9 +50,11 @@ def tracking_uri() -> str:
 
 
 def git_commit() -> str:
+    """The commit of the checkout the stage runs in: for a queued experiment, DVC's temporary
+    copy (its baseline commit), not the project's HEAD, which may have moved on since."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=project_root()).stdout.strip()
+                              check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
