@@ -36,6 +36,29 @@ def idx_root(tmp_path: Path) -> Path:
     return root
 
 
+def tiny_bnn(arch: str, in_shape: list[int], width: float, channels: list[int] | None = None,
+             seed: int = 0):
+    """A small BNN in eval mode with random BatchNorm statistics (some gamma < 0, and a
+    constant channel: gamma 0), so folded thresholds of every kind are exercised."""
+    from bnnprune.models import build_model, model_config
+
+    cfg = model_config(arch, width, in_shape, 10)
+    if channels is not None:
+        cfg["channels"] = channels
+    model = build_model(cfg, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                n = m.num_features
+                m.weight.copy_(torch.randn(n, generator=g))
+                m.weight[0] = 0.0
+                m.bias.copy_(torch.randn(n, generator=g))
+                m.running_mean.copy_(torch.randn(n, generator=g) * 3)
+                m.running_var.copy_(torch.rand(n, generator=g) * 20 + 0.5)
+    return model.eval()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -7,29 +7,8 @@ import torch
 from bnnprune.engine import PackedModel, exact_bn_sign_threshold
 from bnnprune.kernels import cpu
 from bnnprune.kernels.pack import unpack_pm1
-from bnnprune.models import build_model, model_config
 
-
-def randomize_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                n = m.num_features
-                m.weight.copy_(torch.randn(n, generator=g))  # some gamma < 0
-                m.weight[0] = 0.0  # a constant channel
-                m.bias.copy_(torch.randn(n, generator=g))
-                m.running_mean.copy_(torch.randn(n, generator=g) * 3)
-                m.running_var.copy_(torch.rand(n, generator=g) * 20 + 0.5)
-    return model.eval()
-
-
-def tiny(arch, in_shape, width, channels=None, seed=0):
-    cfg = model_config(arch, width, in_shape, 10)
-    if channels is not None:
-        cfg["channels"] = channels
-    return randomize_bn(build_model(cfg, seed=seed), seed)
-
+from conftest import tiny_bnn
 
 CASES = [
     ("cnn", [1, 28, 28], 0.25, None),
@@ -44,7 +23,7 @@ CASES = [
 
 @pytest.mark.parametrize("arch,in_shape,width,channels", CASES)
 def test_engine_matches_torch(arch, in_shape, width, channels):
-    model = tiny(arch, in_shape, width, channels)
+    model = tiny_bnn(arch, in_shape, width, channels)
     engine = PackedModel.from_model(model)
     assert any(s.maxpool is not None for s in engine.steps)  # bit max-pool exercised
     assert engine.steps[0].kind == "stem" and engine.steps[-1].tail is not None  # numba ends
@@ -59,7 +38,7 @@ def test_engine_matches_torch(arch, in_shape, width, channels):
 
 
 def test_fused_path_used_and_unfused_agrees():
-    model = tiny("cnn", [1, 28, 28], 0.25, [8, 5, 13, 7, 3, 9])
+    model = tiny_bnn("cnn", [1, 28, 28], 0.25, [8, 5, 13, 7, 3, 9])
     fused = PackedModel.from_model(model)
     plain = PackedModel.from_model(model, fuse=False)
     assert any(s.fused is not None and s.maxpool is None for s in fused.steps)
@@ -74,7 +53,7 @@ def test_fused_path_used_and_unfused_agrees():
 
 
 def test_stem_bits_are_torch_sign_except_at_rounding_ties():
-    model = tiny("cnn", [1, 28, 28], 0.25, [8, 5, 13, 7, 3, 9])
+    model = tiny_bnn("cnn", [1, 28, 28], 0.25, [8, 5, 13, 7, 3, 9])
     stem = PackedModel.from_model(model).steps[0]
     x = torch.randn(16, 1, 28, 28)
     with torch.no_grad():
@@ -103,6 +82,6 @@ def test_exact_threshold_matches_bn_sign():
 
 
 def test_training_mode_rejected():
-    model = tiny("cnn", [1, 28, 28], 0.25).train()
+    model = tiny_bnn("cnn", [1, 28, 28], 0.25).train()
     with pytest.raises(ValueError, match="eval mode"):
         PackedModel.from_model(model)

@@ -14,33 +14,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import bnnprune.kernels.triton_kernels as tk  # noqa: E402
-from bnnprune.models import build_model, model_config  # noqa: E402
 from bnnprune.triton_engine import TritonModel  # noqa: E402
+
+from conftest import tiny_bnn  # noqa: E402
 
 if not tk.INTERPRET:  # imported earlier in compiled mode by another test module
     tk = importlib.reload(tk)  # in place: triton_engine reads the kernels off this module
-
-
-def randomize_bn(model, seed=0):
-    """Random BN statistics (as tests/test_engine.py): some gamma < 0, a constant channel."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                n = m.num_features
-                m.weight.copy_(torch.randn(n, generator=g))
-                m.weight[0] = 0.0
-                m.bias.copy_(torch.randn(n, generator=g))
-                m.running_mean.copy_(torch.randn(n, generator=g) * 3)
-                m.running_var.copy_(torch.rand(n, generator=g) * 20 + 0.5)
-    return model.eval()
-
-
-def tiny(arch, in_shape, width, channels=None, seed=0):
-    cfg = model_config(arch, width, in_shape, 10)
-    if channels is not None:
-        cfg["channels"] = channels
-    return randomize_bn(build_model(cfg, seed=seed), seed)
 
 
 def kinds(engine):
@@ -72,7 +51,7 @@ CASES = [
 @pytest.mark.parametrize("arch,in_shape,width,channels,steps", CASES,
                          ids=[f"{c[0]}-{'x'.join(map(str, c[1]))}" for c in CASES])
 def test_engine_matches_torch(arch, in_shape, width, channels, steps):
-    model = tiny(arch, in_shape, width, channels)
+    model = tiny_bnn(arch, in_shape, width, channels)
     engine = TritonModel.from_model(model, "cpu")
     assert kinds(engine) == steps  # every path the case is meant to exercise is taken
     x = torch.randn(2, *in_shape, generator=torch.Generator().manual_seed(1))
@@ -86,7 +65,7 @@ def test_engine_matches_torch(arch, in_shape, width, channels, steps):
 
 def test_unfused_matches_torch():
     """fuse=False: every binary layer's BN runs in torch on the int32 outputs."""
-    model = tiny("cnn", [3, 8, 8], 0.25, [8, 5, 37, 9, 3, 7], seed=2)
+    model = tiny_bnn("cnn", [3, 8, 8], 0.25, [8, 5, 37, 9, 3, 7], seed=2)
     engine = TritonModel.from_model(model, "cpu", fuse=False)
     assert kinds(engine) == ["torch"] + ["conv:bn"] * 5
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -98,7 +77,7 @@ def test_unfused_matches_torch():
 
 
 def test_from_model_copies_and_needs_eval():
-    model = tiny("cnn", [1, 8, 8], 0.25)
+    model = tiny_bnn("cnn", [1, 8, 8], 0.25)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     engine = TritonModel.from_model(model, "cpu")
     assert engine.model is not model

@@ -36,6 +36,7 @@ Threads: the kernels obey `numba.set_num_threads`, torch fallbacks `torch.set_nu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,17 +79,22 @@ def exact_bn_sign_threshold(bn: nn.Module, k: int) -> tuple[np.ndarray, np.ndarr
 
 
 @dataclass
-class _Step:
-    kind: str  # "torch" | "conv" | "linear"
+class LayerStep:
+    """One block of a BNN as an inference engine runs it (the CPU and the Triton engine)."""
+    kind: str  # "torch" | "conv" | "linear" (| "stem" on the CPU)
     block: nn.Module
-    words: np.ndarray | None = None  # packed weight, words-major (K_words, M)
+    words: Any = None  # packed sign(weight): numpy (K_words, M) on CPU, torch (M, K_words) GPU
     k: int = 0  # true reduction length
     in_channels: int = 0
     kh: int = 0
     kw: int = 0
     stride: int = 1
     pad: int = 0
-    fused: tuple[np.ndarray, np.ndarray] | None = None  # (s, t): emit packed bits
+    fused: tuple | None = None  # (s, t) of `exact_bn_sign_threshold`: emit packed bits
+
+
+@dataclass
+class _Step(LayerStep):
     limits: tuple[np.ndarray, np.ndarray] | None = None  # the same as `cpu.mismatch_limits`
     maxpool: tuple[int, int, int] | None = None  # (kernel, stride, padding) on fused bits
     masks: tuple[np.ndarray, np.ndarray] | None = None  # channel words: BN increasing / not

@@ -39,23 +39,13 @@ import torch
 from torch import nn
 
 from bnnprune.binary import BinaryConv2d, BinaryLinear
-from bnnprune.engine import exact_bn_sign_threshold
+from bnnprune.engine import LayerStep, exact_bn_sign_threshold
 from bnnprune.kernels import triton_kernels as tk  # attribute access: a reload stays visible
 from bnnprune.models import BNN
 
 
 @dataclass
-class _Step:
-    kind: str  # "torch" | "conv" | "linear"
-    block: nn.Module  # the model's block, on the device
-    words: torch.Tensor | None = None  # packed sign(weight) (M, K_words) int32, on the device
-    k: int = 0  # true reduction length
-    in_channels: int = 0
-    kh: int = 0
-    kw: int = 0
-    stride: int = 1
-    pad: int = 0
-    fused: tuple[torch.Tensor, torch.Tensor] | None = None  # (s, t) int32 (M,): emit bits
+class _Step(LayerStep):  # words: (M, K_words) int32 on the device; fused: int32 (s, t)
     pooled: tuple[torch.Tensor, torch.Tensor] | None = None  # (s, t) float32 (M, 1, 1):
     # max pool on the int32 outputs, then the threshold in torch
 

@@ -234,18 +234,8 @@ def im2col_pack(x: torch.Tensor, kh: int, kw: int, stride: int = 1,
                 padding: int = 0) -> torch.Tensor:
     """x (B, Cin, H, W) any strides/real dtype -> (B * OH * OW, ceil(kh*kw*Cin / 32)) int32,
     sign(x) padded with +1."""
-    dev = _check(x)
     b, c, h, w = x.shape
-    oh, ow = _out_size(h, kh, stride, padding), _out_size(w, kw, stride, padding)
-    nrows, k = b * oh * ow, kh * kw * c
-    kwords = n_words32(k)
-    out = torch.empty((nrows, kwords), dtype=torch.int32, device=dev)
-    def grid(meta):
-        return triton.cdiv(nrows, meta["BLOCK_N"]), triton.cdiv(kwords, meta["BLOCK_W"])
-
-    _launch(_im2col_pack_kernel, _im2col_tuned, _PACK_FIXED, grid, x, out, c, h, w, oh, ow,
-            nrows, k, kwords, kw, *x.stride(), stride, padding, PACKED=False)
-    return out
+    return _im2col(x, x.stride(), b, c, h, w, kh, kw, stride, padding, packed=False)
 
 
 def im2col_pack_bits(bits: torch.Tensor, channels: int, kh: int, kw: int, stride: int = 1,
@@ -254,20 +244,29 @@ def im2col_pack_bits(bits: torch.Tensor, channels: int, kh: int, kw: int, stride
     ceil(channels / 32)) int32 (bit c % 32 of word c // 32 is channel c; the packed output of
     `binary_conv2d_sign(..., packed=True)`) -> (B * OH * OW, ceil(kh*kw*channels / 32)) int32,
     padded with +1."""
-    dev = _check(bits)
     b, h, w, cwords = bits.shape
     if cwords != n_words32(channels):
         raise ValueError(f"{cwords} channel words cannot hold {channels} channels")
+    sb, sh, sw, sc = bits.stride()  # element (b, c // 32, y, x) of the kernel's NCHW view
+    return _im2col(bits, (sb, sc, sh, sw), b, channels, h, w, kh, kw, stride, padding,
+                   packed=True)
+
+
+def _im2col(src: torch.Tensor, strides: tuple[int, ...], b: int, c: int, h: int, w: int,
+            kh: int, kw: int, stride: int, padding: int, packed: bool) -> torch.Tensor:
+    """Launch the im2col kernel on `src` seen as NCHW with `strides` (channel words when
+    `packed`) -> (B * OH * OW, ceil(kh*kw*C / 32)) int32."""
+    dev = _check(src)
     oh, ow = _out_size(h, kh, stride, padding), _out_size(w, kw, stride, padding)
-    nrows, k = b * oh * ow, kh * kw * channels
+    nrows, k = b * oh * ow, kh * kw * c
     kwords = n_words32(k)
     out = torch.empty((nrows, kwords), dtype=torch.int32, device=dev)
+
     def grid(meta):
         return triton.cdiv(nrows, meta["BLOCK_N"]), triton.cdiv(kwords, meta["BLOCK_W"])
 
-    sb, sh, sw, sc = bits.stride()  # element (b, c // 32, y, x) of the kernel's NCHW view
-    _launch(_im2col_pack_kernel, _im2col_tuned, _PACK_FIXED, grid, bits, out, channels, h, w,
-            oh, ow, nrows, k, kwords, kw, sb, sc, sh, sw, stride, padding, PACKED=True)
+    _launch(_im2col_pack_kernel, _im2col_tuned, _PACK_FIXED, grid, src, out, c, h, w, oh, ow,
+            nrows, k, kwords, kw, *strides, stride, padding, PACKED=packed)
     return out
 
 
