@@ -157,7 +157,7 @@ def _gemm(a, w, k, out):
 def _gemm_sign(a, w, limit, flip, out):
     """GEMM + folded BatchNorm/sign on mismatch counts: bit j of an output row =
     (mismatches[j] <= limit[j]) ^ flip bit j (see `binary_gemm_sign`)."""
-    n, m = a.shape[0], limit.shape[0]  # out (N, M_words) packed channels; w (K_words, >= M)
+    n, m = a.shape[0], limit.shape[0]  # out (N, M_words); w and limit padded to whole vectors
     for blk in prange((n + ROWS - 1) // ROWS):
         r0 = blk * ROWS
         acc = np.empty((ROWS, w.shape[1]), np.int32)
@@ -271,7 +271,8 @@ def binary_gemm_limits(a_packed: np.ndarray, w_packed: np.ndarray, limit: np.nda
     """`binary_gemm_sign` with the thresholds already in `mismatch_limits` form (compute them
     once per layer: they cost more than a small layer's GEMM) -> (N, M_words) uint64 bits."""
     m = w_packed.shape[1]
-    if a_packed.shape[1] != w_packed.shape[0] or len(limit) != m or len(flip) != n_words(m):
+    if (a_packed.shape[1] != w_packed.shape[0] or len(limit) != m + (-m % LANES)
+            or len(flip) != n_words(m)):
         raise ValueError(f"shapes differ: a {a_packed.shape}, w {w_packed.shape}, limit "
                          f"{len(limit)}, flip {len(flip)}")
     out = _buffer(out, (a_packed.shape[0], n_words(m)), np.uint64)
@@ -280,20 +281,25 @@ def binary_gemm_limits(a_packed: np.ndarray, w_packed: np.ndarray, limit: np.nda
 
 def mismatch_limits(s: Array, t: Array, k: int) -> tuple[np.ndarray, np.ndarray]:
     """`s * acc >= t` with acc = K - 2 * mismatches, rewritten as one compare on the mismatch
-    count: `(mismatches <= limit) ^ flip` -> (limit (M,) int32, flip (M_words,) uint64).
+    count: `(mismatches <= limit) ^ flip` -> (limit int32, flip (M_words,) uint64). `limit`
+    is padded to whole vectors of LANES channels with -1, like the weight columns, so the
+    packing loop runs over whole vectors and the padding bits come out 0.
 
     s = +1:  mismatches <= floor((K - t) / 2)
     s = -1:  mismatches >= ceil((K + t) / 2)  = not (mismatches <= ceil((K + t) / 2) - 1)
     s =  0:  constant 0 >= t: limit K (always) or -1 (never)"""
     s64, t64 = as_numpy(s).astype(np.int64), as_numpy(t).astype(np.int64)
+    m = len(s64)
     if not np.isin(s64, (-1, 0, 1)).all():
         raise ValueError(f"s must hold -1, 0 or +1 per channel, got {np.unique(s64).tolist()}")
     limit = np.where(s64 > 0, (k - t64) // 2, -((-(k + t64)) // 2) - 1)
     limit = np.where(s64 == 0, np.where(t64 <= 0, k, -1), limit)
-    bits = np.zeros(n_words(len(s64)) * 64, bool)
-    bits[:len(s64)] = s64 < 0
+    bits = np.zeros(n_words(m) * 64, bool)
+    bits[:m] = s64 < 0
     flip = np.packbits(bits, bitorder="little").view("<u8").astype(np.uint64)
-    return np.clip(limit, -1, k).astype(np.int32), flip
+    padded = np.full(m + (-m % LANES), -1, np.int32)  # padding channels: never set, bit 0
+    padded[:m] = np.clip(limit, -1, k)
+    return padded, flip
 
 
 def _conv_cols(x: Array, w: Array | PackedConvWeight, stride: int,
