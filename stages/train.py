@@ -28,7 +28,8 @@ def main() -> None:
         metrics = {"val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
                    "test_loss": test["loss"], "flip_observations": result.flips.observations}
         save_checkpoint("models/baseline.pt", model, metrics=metrics, history=result.history)
-        save_torch("models/flips.pt", result.flips.export(model.config, cfg.flip_window))
+        save_torch("models/flips.pt", result.flips.export(model.config, cfg.flip_window,
+                                                       cfg.tail_epochs))
         save_json("reports/metrics/train.json", metrics)
         save_csv("reports/plots/train_history.csv", result.history)
         save_csv("reports/plots/flip_ratio.csv", result.flip_history)

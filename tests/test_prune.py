@@ -59,19 +59,19 @@ def test_p_and_kept_channels_on_hand_made_flip_counts():
     counts = hand_counts(model)
     # tau 3: ch1, ch2 have 9 insensitive weights each; ch3's count 3 is not > 3
     assert insensitive_fraction(counts["blocks.1.layer"], 3) == 18 / 72
-    plan = plan_pruning(model, counts, PruneConfig(tau=3, min_channels=1), "flip", GEN)
+    plan = plan_pruning(model, counts, PruneConfig(round_to=1, tau=3, min_channels=1), "flip", GEN)
     assert plan.p["blocks.1.layer"] == 0.25 and plan.p["blocks.2.layer"] == 0.0
     # keep round(4 * 0.75) = 3; ch1 and ch2 tie on insensitive weights, ch1 flipped more
     assert plan.keep[1] == [0, 2, 3]
     assert all(plan.keep[i] == [0, 1, 2, 3] for i in (2, 3, 4, 5))
     assert 0 not in plan.keep  # the float first layer is never pruned
     # tau 2: ch3 is all insensitive (18), p = 36/72 -> keep 2: drop ch3, then ch1
-    plan = plan_pruning(model, counts, PruneConfig(tau=2, min_channels=1), "flip", GEN)
+    plan = plan_pruning(model, counts, PruneConfig(round_to=1, tau=2, min_channels=1), "flip", GEN)
     assert plan.p["blocks.1.layer"] == 0.5 and plan.keep[1] == [0, 2]
     # the floor
-    plan = plan_pruning(model, counts, PruneConfig(tau=2, min_channels=3), "flip", GEN)
+    plan = plan_pruning(model, counts, PruneConfig(round_to=1, tau=2, min_channels=3), "flip", GEN)
     assert plan.keep[1] == [0, 1, 2]  # only the most insensitive channel goes
-    plan = plan_pruning(model, counts, PruneConfig(tau=2, min_channels=8), "flip", GEN)
+    plan = plan_pruning(model, counts, PruneConfig(round_to=1, tau=2, min_channels=8), "flip", GEN)
     assert plan.keep[1] == [0, 1, 2, 3]  # a layer narrower than the floor keeps everything
 
 
@@ -90,7 +90,7 @@ def test_latent_removes_smallest_mean_magnitude_and_random_is_seeded():
         for c, scale in enumerate([0.5, 0.1, 0.9, 0.2]):
             w[c] = scale * torch.sign(torch.randn(2, 3, 3))
     counts = hand_counts(model)
-    cfg = PruneConfig(tau=2, min_channels=1)  # flip rule: keep 2 in blocks.1
+    cfg = PruneConfig(round_to=1, tau=2, min_channels=1)  # flip rule: keep 2 in blocks.1
     plan = plan_pruning(model, counts, cfg, "latent", GEN)
     assert plan.keep[1] == [0, 2]
     runs = [plan_pruning(model, counts, cfg, "random", torch.Generator().manual_seed(s)).keep
@@ -201,14 +201,14 @@ def test_global_target_reaches_the_bop_reduction_for_every_criterion():
                                dtype=torch.int32) for n, c in zero_counts(model).items()}
     before = count_ops(model)["total"]["bops"]
     for criterion in ("flip", "latent", "random"):
-        cfg = PruneConfig(tau=20, min_channels=4, target_bop_reduction=0.3)
+        cfg = PruneConfig(round_to=1, tau=20, min_channels=4, target_bop_reduction=0.3)
         pruned, _ = run_pruning(model, counts, cfg, criterion)
         after = count_ops(pruned)["total"]["bops"]
         assert 0.3 <= 1 - after / before < 0.33  # reached, and within a few channels of it
         assert min(s.out for s in pruned.specs[1:]) >= 4
     with pytest.raises(PruneError, match=r"target_bop_reduction: 0\.99 cannot be reached with "
                                          r"prune.min_channels 4"):
-        run_pruning(model, counts, PruneConfig(min_channels=4, target_bop_reduction=0.99))
+        run_pruning(model, counts, PruneConfig(round_to=1, min_channels=4, target_bop_reduction=0.99))
 
 
 def test_iterative_pruning_stops_when_max_p_stops_falling():
@@ -224,7 +224,7 @@ def test_iterative_pruning_stops_when_max_p_stops_falling():
             counts["blocks.2.layer"][:] = 9
         return m, counts
 
-    cfg = PruneConfig(tau=2, min_channels=1, iterations=5)
+    cfg = PruneConfig(round_to=1, tau=2, min_channels=1, iterations=5)
     pruned, rounds = run_pruning(model, hand_counts(model), cfg, retrain=retrain)
     assert [r["pruned"] for r in rounds] == [True, True, False]
     assert [r["max_p"] for r in rounds] == [0.5, 0.25, 1.0]
@@ -238,7 +238,7 @@ def test_iterative_pruning_stops_when_max_p_stops_falling():
 
 def test_report_and_compare_rows():
     model = small_cnn()
-    pruned, rounds = run_pruning(model, hand_counts(model), PruneConfig(tau=2, min_channels=1))
+    pruned, rounds = run_pruning(model, hand_counts(model), PruneConfig(round_to=1, tau=2, min_channels=1))
     report = prune_report(model, pruned, rounds[0]["p"])
     layer = report["layers"]["blocks.1"]
     assert (layer["p"], layer["channels_before"], layer["channels_after"]) == (0.5, 4, 2)

@@ -56,6 +56,10 @@ class TrainConfig:
     threads: int = field(default=0, metadata=_range(0, 1024))
     flip_window: int = field(default=1, metadata=_range(1, 10000))
     flip_granularity: Literal["step", "epoch"] = "step"
+    # near-convergence interval: extra epochs at a constant low LR after the schedule, whose
+    # flips are counted apart from the window's (prune.interval: tail)
+    tail_epochs: int = field(default=0, metadata=_range(0, 10000))
+    tail_lr: float = field(default=0.00025, metadata=_range(0.0, 10.0, True))
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ class PruneConfig:
     criterion: Literal["flip", "latent", "random"] = "flip"
     tau: float = field(default=2.0, metadata=_range(0.0))  # insensitive: flip count > tau
     min_channels: int = field(default=8, metadata=_range(1))
+    round_to: int = field(default=8, metadata=_range(1, 4096))  # kept counts: multiples of it
+    interval: Literal["window", "tail"] = "window"  # which flip counts: train.flip_window/tail
     target_bop_reduction: float | None = field(default=None,
                                                metadata=_range(0.0, 1.0, False, True))
     iterations: int = field(default=1, metadata=_range(1, 100))
@@ -70,6 +76,26 @@ class PruneConfig:
     seed: int = field(default=0, metadata=_range(0))
     compare: list[Literal["flip", "latent", "random"]] = field(
         default_factory=lambda: ["latent", "random"])
+
+
+METHODS = ("flip", "flip_tail", "latent", "flip_random", "uniform_random", "global_flip",
+           "scratch")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    budgets: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7],
+                                 metadata=_range(0.0, 1.0, True, True))  # BOP reductions
+    methods: list[Literal[METHODS]] = field(  # type: ignore[valid-type]
+        default_factory=lambda: ["flip", "latent", "flip_random", "uniform_random"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata=_range(0))
+    recovery_steps: int = field(default=100, metadata=_range(0, 10**7))
+    batch_size: int = field(default=128, metadata=_range(1, 65536))
+    lr: float = field(default=0.001, metadata=_range(0.0, 10.0, True))
+    sensitivity_ratio: float = field(default=0.5, metadata=_range(0.0, 1.0, True, True))
+    channel_samples: int = field(default=16, metadata=_range(2, 100000))  # per binary layer
+    sensitivity_images: int = field(default=2000, metadata=_range(1))  # validation images
+    bootstrap: int = field(default=2000, metadata=_range(100, 10**6))
 
 
 @dataclass(frozen=True)
@@ -109,6 +135,7 @@ class Params:
     finetune: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=2, lr=0.001, flip_window=1))
     prune: PruneConfig = field(default_factory=PruneConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     gate: GateConfig = field(default_factory=GateConfig)

@@ -15,8 +15,10 @@ class FlipCounter:
     """Counts, per binary weight, changes of sign(w) between consecutive observations.
 
     Observations happen after every optimizer step (`granularity="step"`) or at every epoch
-    end (`"epoch"`). Flips are summed per epoch and added to the counts at the end of epochs
-    that are `active` (the pruning interval); the per-epoch flip ratio of each layer
+    end (`"epoch"`). Flips are summed per epoch and added, at the end of the epoch, to `counts`
+    if the epoch is `active` (the pruning interval: the schedule's last flip_window epochs) or
+    to `tail_counts` if it is in the `tail` (the near-convergence interval: constant low LR
+    after the schedule); the per-epoch flip ratio of each layer
     (flips / (weights * observations)) is kept for every epoch.
     """
 
@@ -27,8 +29,9 @@ class FlipCounter:
         self.granularity = granularity
         self.prev = {n: m.weight.detach() >= 0 for n, m in self.layers.items()}
         self.counts = {n: torch.zeros_like(p, dtype=torch.int32) for n, p in self.prev.items()}
-        self.observations = 0
-        self.active = False
+        self.tail_counts = {n: torch.zeros_like(c) for n, c in self.counts.items()}
+        self.observations = self.tail_observations = 0
+        self.active = self.tail = False
         self._epoch = {n: torch.zeros_like(c) for n, c in self.counts.items()}
         self._epoch_obs = 0
 
@@ -55,6 +58,10 @@ class FlipCounter:
             for n, e in self._epoch.items():
                 self.counts[n] += e
             self.observations += self._epoch_obs
+        if self.tail:
+            for n, e in self._epoch.items():
+                self.tail_counts[n] += e
+            self.tail_observations += self._epoch_obs
         for e in self._epoch.values():
             e.zero_()
         self._epoch_obs = 0
@@ -63,22 +70,30 @@ class FlipCounter:
     def state_dict(self) -> dict[str, Any]:
         return {"prev": {n: p.cpu() for n, p in self.prev.items()},
                 "counts": {n: c.cpu() for n, c in self.counts.items()},
-                "observations": self.observations, "active": self.active}
+                "tail_counts": {n: c.cpu() for n, c in self.tail_counts.items()},
+                "observations": self.observations, "tail_observations": self.tail_observations,
+                "active": self.active, "tail": self.tail}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = next(iter(self.prev.values())).device if self.prev else "cpu"
         self.prev = {n: p.to(device) for n, p in state["prev"].items()}
         self.counts = {n: c.to(device) for n, c in state["counts"].items()}
-        self.observations = state["observations"]
-        self.active = state["active"]
+        self.tail_counts = {n: c.to(device) for n, c in state["tail_counts"].items()}
+        self.observations, self.tail_observations = (state["observations"],
+                                                     state["tail_observations"])
+        self.active, self.tail = state["active"], state["tail"]
 
-    def export(self, model_config: dict, window_epochs: int) -> dict[str, Any]:
+    def export(self, model_config: dict, window_epochs: int, tail_epochs: int = 0
+               ) -> dict[str, Any]:
         """The content of models/flips.pt."""
         return {
             "counts": {n: c.cpu() for n, c in self.counts.items()},
             "observations": self.observations,
+            "tail_counts": {n: c.cpu() for n, c in self.tail_counts.items()},
+            "tail_observations": self.tail_observations,
             "granularity": self.granularity,
             "window_epochs": window_epochs,
+            "tail_epochs": tail_epochs,
             "model_config": model_config,
         }
 

@@ -2,7 +2,11 @@
 
 Per binary layer l with flip counts F (the weight's shape, counted over the pruning interval):
     insensitive = F > tau;  p_l = insensitive.mean()
-    keep_l = max(min_channels, round_half_up(C_out * (1 - p_l)))   (at most C_out)
+    keep_l = round_keep(C_out * (1 - p_l))   (see below)
+Kept counts are rounded to the nearest multiple of `round_to` (halves up; default 8: the
+packed CPU engine's vector of 8 output channels and onnxruntime's NCHWc block), never below the
+smallest multiple >= min_channels, never above C_out (a layer no wider than that floor keeps
+all its channels). Every allocation rounds the same way, so BOPs are reported after rounding.
 Which channels go, most prunable first:
     flip    most insensitive weights, then highest total flip count;
     latent  smallest mean |latent weight|;
@@ -56,23 +60,41 @@ def binary_blocks(model: BNN) -> list[int]:
     return [i for i, s in enumerate(model.specs) if s.binary]
 
 
-# ---- the flip rule --------------------------------------------------------------------------
+# ---- the flip rule ----------------------------------------------------------------------------
 
 def insensitive_fraction(counts: torch.Tensor, tau: float) -> float:
     """p_l: the fraction of a layer's weights whose flip count is > tau."""
     return (counts > tau).float().mean().item()
 
 
-def flip_keep(c_out: int, p: float, min_channels: int) -> int:
-    """round(C_out * (1 - p)) (halves round up), never below min_channels nor above C_out."""
-    return min(c_out, max(min_channels, math.floor(c_out * (1 - p) + 0.5)))
+def round_keep(c_out: int, desired: float, min_channels: int, round_to: int = 1) -> int:
+    """A layer's kept channels: `desired` rounded to the nearest multiple of round_to (halves
+    up), at least the smallest multiple >= min_channels, at most c_out. A layer no wider than
+    that floor keeps all its channels."""
+    floor = round_to * math.ceil(min_channels / round_to)
+    if c_out <= floor:
+        return c_out
+    return min(c_out, max(floor, round_to * math.floor(desired / round_to + 0.5)))
+
+
+def flip_keep(c_out: int, p: float, min_channels: int, round_to: int = 1) -> int:
+    """The patent's count round(C_out * (1 - p)), rounded as `round_keep`."""
+    return round_keep(c_out, c_out * (1 - p), min_channels, round_to)
 
 
 def layer_p(counts: dict[str, torch.Tensor], tau: float) -> dict[str, float]:
     return {name: insensitive_fraction(c, tau) for name, c in counts.items()}
 
 
-# ---- channel scores: higher = pruned first ----------------------------------------------------
+def check_round_to(widths: dict[str, int], round_to: int) -> None:
+    """A round_to wider than a binary layer leaves it nothing to keep but all its channels."""
+    narrow = {n: w for n, w in widths.items() if w < round_to}
+    if narrow:
+        raise PruneError(f"prune.round_to: {round_to} cannot be met: binary layers {narrow} "
+                         f"have fewer output channels; allowed: 1..{min(widths.values())}")
+
+
+# ---- selection: channel scores, higher = pruned first -----------------------------------------
 
 def channel_scores(criterion: str, weight: torch.Tensor, counts: torch.Tensor | None, tau: float,
                    generator: torch.Generator) -> list[tuple[float, float]]:
@@ -102,6 +124,77 @@ def prune_order(scores: list[tuple[float, float]]) -> list[int]:
     return sorted(range(len(scores)), key=lambda c: (-scores[c][0], -scores[c][1], c))
 
 
+def select(scores: dict[int, list[tuple[float, float]]], keep_n: dict[int, int]
+           ) -> dict[int, list[int]]:
+    """Selection: the `keep_n[i]` least prunable channels of every layer, sorted."""
+    return {i: sorted(prune_order(s)[len(s) - keep_n[i]:]) for i, s in scores.items()}
+
+
+# ---- allocation: how many channels each binary layer keeps ------------------------------------
+
+def flip_allocation(model: BNN, p: dict[str, float], min_channels: int, round_to: int
+                    ) -> dict[int, int]:
+    """The patent's rule: layer l keeps round(C_out,l * (1 - p_l))."""
+    return {i: flip_keep(model.specs[i].out, p[layer_name(i)], min_channels, round_to)
+            for i in binary_blocks(model)}
+
+
+def model_bops(model: BNN, keep_n: dict[int, int]) -> int:
+    channels = [keep_n.get(i, s.out) for i, s in enumerate(model.specs)]
+    return count_ops({**model.config, "channels": channels})["total"]["bops"]
+
+
+def budget_allocation(model: BNN, fractions: dict[int, float], budget: float, min_channels: int,
+                      round_to: int) -> dict[int, int]:
+    """Per-layer prune fractions scaled to a BOP budget: layer i keeps
+    round_keep(C_i * (1 - min(1, s * fractions[i]))), with the smallest s (bisection) whose
+    rounded counts cut BOPs by at least `budget` (a fraction)."""
+    def keep(s: float) -> dict[int, int]:
+        return {i: round_keep(model.specs[i].out, model.specs[i].out * (1 - min(1.0, s * f)),
+                              min_channels, round_to) for i, f in fractions.items()}
+
+    start = model_bops(model, {})
+    reached = lambda s: 1 - model_bops(model, keep(s)) / start >= budget  # noqa: E731
+    top = 1 / max(min(f for f in fractions.values() if f > 0), 1e-9) if any(
+        f > 0 for f in fractions.values()) else 0.0
+    if not reached(top):
+        most = 1 - model_bops(model, keep(top)) / start
+        raise PruneError(f"BOP budget {budget} cannot be reached with prune.min_channels "
+                         f"{min_channels} and prune.round_to {round_to} (at most {most:.4f}); "
+                         f"allowed: a lower budget, a smaller min_channels or round_to")
+    lo, hi = 0.0, top
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if reached(mid) else (mid, hi)
+    return keep(hi)
+
+
+def global_keep_counts(model: BNN, scores: dict[int, list[tuple[float, float]]], target: float,
+                       min_channels: int, round_to: int = 1) -> dict[int, int]:
+    """Rank channels best-first across all binary layers; a layer gives up round_to channels
+    each time round_to of its channels have been ranked, until BOPs drop by `target`."""
+    out = {i: model.specs[i].out for i in scores}
+    channels = dict(out)
+    ranked_in = dict.fromkeys(scores, 0)
+    start = model_bops(model, {})
+    ranked = sorted(((-s[0], -s[1], i, c) for i, layer in scores.items()
+                     for c, s in enumerate(layer)))
+    for *_, i, _c in ranked:
+        if reduction_pct(start, model_bops(model, channels)) >= 100 * target:
+            break
+        ranked_in[i] += 1
+        fewer = round_keep(out[i], out[i] - round_to * (ranked_in[i] // round_to), min_channels,
+                           round_to)
+        channels[i] = min(channels[i], fewer)
+    reached = reduction_pct(start, model_bops(model, channels))
+    if reached < 100 * target:
+        raise PruneError(f"prune.target_bop_reduction: {target} cannot be reached with "
+                         f"prune.min_channels {min_channels} and prune.round_to {round_to} "
+                         f"(at most {reached / 100:.4f}); allowed: a lower target or a smaller "
+                         f"min_channels or round_to")
+    return channels
+
+
 # ---- planning --------------------------------------------------------------------------------
 
 @dataclass
@@ -114,28 +207,27 @@ class Plan:
 def plan_pruning(model: BNN, flip_counts: dict[str, torch.Tensor], cfg: PruneConfig,
                  criterion: str, generator: torch.Generator,
                  target_channels: list[int] | None = None) -> Plan:
-    """Decide which output channels of every binary layer survive."""
+    """Decide which output channels of every binary layer survive: an allocation (target
+    channels, the global ranking to prune.target_bop_reduction, or the flip rule) and a
+    selection by `criterion`."""
     blocks = binary_blocks(model)
+    check_round_to({layer_name(i): model.specs[i].out for i in blocks}, cfg.round_to)
     p = layer_p(flip_counts, cfg.tau)
-    weights = {i: model.blocks[i].layer.weight for i in blocks}
-    scores = {i: channel_scores(criterion, weights[i], flip_counts.get(layer_name(i)), cfg.tau,
-                                generator) for i in blocks}
+    scores = {i: channel_scores(criterion, model.blocks[i].layer.weight,
+                                flip_counts.get(layer_name(i)), cfg.tau, generator)
+              for i in blocks}
     if target_channels is not None:
-        channels = check_target_channels(model, target_channels)
+        channels = check_target_channels(model, target_channels, cfg.round_to)
         keep_n = {i: channels[i] for i in blocks}
     elif cfg.target_bop_reduction is not None:
-        keep_n = global_keep_counts(model, scores, cfg.target_bop_reduction, cfg.min_channels)
+        keep_n = global_keep_counts(model, scores, cfg.target_bop_reduction, cfg.min_channels,
+                                    cfg.round_to)
     else:
-        keep_n = {i: flip_keep(model.specs[i].out, p[layer_name(i)], cfg.min_channels)
-                  for i in blocks}
-    keep = {}
-    for i in blocks:
-        order = prune_order(scores[i])
-        keep[i] = sorted(order[len(order) - keep_n[i]:])
-    return Plan(keep, p, keep_n)
+        keep_n = flip_allocation(model, p, cfg.min_channels, cfg.round_to)
+    return Plan(select(scores, keep_n), p, keep_n)
 
 
-def check_target_channels(model: BNN, target: list[int]) -> list[int]:
+def check_target_channels(model: BNN, target: list[int], round_to: int = 1) -> list[int]:
     current = [s.out for s in model.specs]
     if len(target) != len(current):
         raise PruneError(f"target channels {target}: {len(target)} layers, the model has "
@@ -147,28 +239,11 @@ def check_target_channels(model: BNN, target: list[int]) -> list[int]:
         if not 1 <= t <= c:
             raise PruneError(f"target channels {target}: layer {i} cannot keep {t} of {c} "
                              f"channels; allowed: 1..{c}")
+        if s.binary and t != c and t % round_to:
+            raise PruneError(f"target channels {target}: layer {i} keeps {t}, not a multiple "
+                             f"of prune.round_to {round_to}; allowed: multiples of {round_to} "
+                             f"or all {c}")
     return list(target)
-
-
-def global_keep_counts(model: BNN, scores: dict[int, list[tuple[float, float]]], target: float,
-                       min_channels: int) -> dict[int, int]:
-    """Remove channels best-first across all binary layers until BOPs drop by `target`."""
-    channels = [s.out for s in model.specs]
-    bops = lambda: count_ops({**model.config, "channels": channels})["total"]["bops"]  # noqa: E731
-    start = bops()
-    ranked = sorted(((-s[0], -s[1], i, c) for i, layer in scores.items()
-                     for c, s in enumerate(layer)))
-    for *_, i, _c in ranked:
-        if reduction_pct(start, bops()) >= 100 * target:
-            break
-        if channels[i] > min(min_channels, model.specs[i].out):
-            channels[i] -= 1
-    reached = reduction_pct(start, bops())
-    if reached < 100 * target:
-        raise PruneError(f"prune.target_bop_reduction: {target} cannot be reached with "
-                         f"prune.min_channels {min_channels} (at most {reached / 100:.4f}); "
-                         f"allowed: a lower target or a smaller min_channels")
-    return {i: channels[i] for i in scores}
 
 
 # ---- surgery ---------------------------------------------------------------------------------

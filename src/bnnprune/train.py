@@ -76,6 +76,8 @@ def evaluate(model: BNN, split: Split, card: dict, batch_size: int = 512,
 
 
 def lr_at(cfg: TrainConfig, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
+    if epoch >= cfg.epochs:  # the near-convergence tail
+        return cfg.tail_lr
     if cfg.lr_schedule == "constant":
         return cfg.lr
     if cfg.lr_schedule == "step":  # drop 10x when the flip-logging interval starts
@@ -91,7 +93,8 @@ def fingerprint(*parts: Any) -> str:
 
 def fit(model: BNN, train: Split, val: Split, card: dict, cfg: TrainConfig,
         resume_path: str | Path | None = None, desc: str = "train") -> FitResult:
-    """Train `model` for `cfg.epochs`, counting flips in the last `cfg.flip_window` epochs.
+    """Train `model` for `cfg.epochs` (+ `cfg.tail_epochs` at `cfg.tail_lr`), counting flips
+    in the schedule's last `cfg.flip_window` epochs and, apart, in the tail.
 
     After every epoch the full state goes to `resume_path`; a later call with the same
     config and starting weights resumes from it, then removes it when training ends.
@@ -115,13 +118,15 @@ def fit(model: BNN, train: Split, val: Split, card: dict, cfg: TrainConfig,
             start = result.resumed_from_epoch = state["epoch"] + 1
             tqdm.write(f"{desc}: resuming from {resume_path} after epoch {state['epoch'] + 1}")
     steps = math.ceil(len(train) / cfg.batch_size)
-    for epoch in range(start, cfg.epochs):
-        flips.active = epoch >= cfg.epochs - cfg.flip_window
+    epochs = cfg.epochs + cfg.tail_epochs
+    for epoch in range(start, epochs):
+        flips.active = cfg.epochs - cfg.flip_window <= epoch < cfg.epochs
+        flips.tail = epoch >= cfg.epochs
         model.train()
         g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
         total_loss, correct, seen = 0.0, 0, 0
         bar = tqdm(batches(train, cfg.batch_size, g), total=steps, leave=False,
-                   desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", mininterval=1.0)
+                   desc=f"{desc} epoch {epoch + 1}/{epochs}", mininterval=1.0)
         for step, (images, labels) in enumerate(bar):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(cfg, epoch, step, steps)
@@ -150,7 +155,7 @@ def fit(model: BNN, train: Split, val: Split, card: dict, cfg: TrainConfig,
         result.history.append(record)
         result.flip_history.append(
             {"epoch": epoch + 1, **{n.removesuffix(".layer"): r for n, r in ratios.items()}})
-        tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: train_loss {record['train_loss']:.4f}"
+        tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: train_loss {record['train_loss']:.4f}"
                    f" train_acc {record['train_acc']:.4f} val_acc {record['val_acc']:.4f}")
         if mlflow.active_run():
             mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
