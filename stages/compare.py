@@ -10,7 +10,7 @@ from bnnprune.cli import run_stage
 from bnnprune.config import load_params
 from bnnprune.data import load_prepared
 from bnnprune.files import save_json
-from bnnprune.flips import load_flips
+from bnnprune.flips import interval_counts, load_flips
 from bnnprune.models import load_checkpoint, save_checkpoint
 from bnnprune.prune import CRITERIA, PruneError, accuracy, finetune, prune_report, run_pruning
 from bnnprune.tracking import log_artifacts, log_metrics, stage_run
@@ -43,7 +43,8 @@ def main() -> None:
     key = fingerprint(groups, criterion, ckpt["config"], ckpt["meta"], pruned_ckpt["config"])
     with stage_run(stage, groups, key):
         start = time.perf_counter()
-        model, rounds = run_pruning(baseline, flips["counts"], replace(cfg, iterations=1),
+        counts = interval_counts(flips, cfg.interval)
+        model, rounds = run_pruning(baseline, counts, replace(cfg, iterations=1),
                                     criterion, target_channels=target)
         report = prune_report(baseline, model, rounds[0]["p"])
         before = accuracy(model, splits, card)

@@ -7,7 +7,7 @@ from bnnprune.cli import run_stage
 from bnnprune.config import load_params
 from bnnprune.data import load_prepared
 from bnnprune.files import save_csv, save_json
-from bnnprune.flips import load_flips
+from bnnprune.flips import interval_counts, load_flips
 from bnnprune.models import load_checkpoint, save_checkpoint
 from bnnprune.prune import (
     PruneError,
@@ -47,7 +47,8 @@ def main() -> None:
     groups = {"prune": cfg, "finetune": params.finetune}
     with stage_run("prune", groups, fingerprint(groups, ckpt["config"], ckpt["meta"])):
         start = time.perf_counter()
-        model, rounds = run_pruning(baseline, flips["counts"], cfg, retrain=retrain)
+        counts = interval_counts(flips, cfg.interval)
+        model, rounds = run_pruning(baseline, counts, cfg, retrain=retrain)
         seconds = time.perf_counter() - start
         report = prune_report(baseline, model, rounds[0]["p"])
         metrics = {"criterion": cfg.criterion, "tau": cfg.tau, **report,
