@@ -14,11 +14,12 @@ def main() -> None:
     with stage_run("report", params, fingerprint(params, inputs)):
         summary = write_report(inputs=inputs)
         links = log_summary_run(summary)
-    w = summary["criteria_winner"]
     print(f"report: {SUMMARY_JSON}: test_acc {summary['baseline']['test_acc']:.4f} -> "
           f"{summary['pruned']['test_acc']:.4f} ({summary['acc_drop_pt']:+.2f} pt drop), BOPs "
-          f"-{summary['reduction']['bops_pct']:.1f}%, speedup {summary['speedup']}; winning "
-          f"criterion: {w['criterion']}; linked stage runs: {', '.join(links) or 'none'}")
+          f"-{summary['reduction']['bops_pct']:.1f}%, speedup {summary['speedup']}; study: "
+          f"{len(summary['study']['verdict']['wins_over_all_controls'])} CI-clear wins of a "
+          f"flip-derived method over every control; linked stage runs: "
+          f"{', '.join(links) or 'none'}")
 
 
 if __name__ == "__main__":

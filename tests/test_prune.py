@@ -17,7 +17,6 @@ from bnnprune.models import build_model, load_checkpoint, model_config, save_che
 from bnnprune.ops import count_ops
 from bnnprune.prune import (
     PruneError,
-    compare_rows,
     flip_keep,
     insensitive_fraction,
     plan_pruning,
@@ -208,7 +207,8 @@ def test_global_target_reaches_the_bop_reduction_for_every_criterion():
         assert min(s.out for s in pruned.specs[1:]) >= 4
     with pytest.raises(PruneError, match=r"target_bop_reduction: 0\.99 cannot be reached with "
                                          r"prune.min_channels 4"):
-        run_pruning(model, counts, PruneConfig(round_to=1, min_channels=4, target_bop_reduction=0.99))
+        run_pruning(model, counts,
+                    PruneConfig(round_to=1, min_channels=4, target_bop_reduction=0.99))
 
 
 def test_iterative_pruning_stops_when_max_p_stops_falling():
@@ -236,21 +236,15 @@ def test_iterative_pruning_stops_when_max_p_stops_falling():
                     retrain=retrain)
 
 
-def test_report_and_compare_rows():
+def test_prune_report():
     model = small_cnn()
-    pruned, rounds = run_pruning(model, hand_counts(model), PruneConfig(round_to=1, tau=2, min_channels=1))
+    pruned, rounds = run_pruning(model, hand_counts(model),
+                                 PruneConfig(round_to=1, tau=2, min_channels=1))
     report = prune_report(model, pruned, rounds[0]["p"])
     layer = report["layers"]["blocks.1"]
     assert (layer["p"], layer["channels_before"], layer["channels_after"]) == (0.5, 4, 2)
     assert layer["bops_before"] == 8 * 8 * 4 * 2 * 9 and layer["bops_after"] == 8 * 8 * 2 * 2 * 9
     assert report["total"]["bops_reduction_pct"] > 0
-    runs = [{"criterion": c, "bops_reduction_pct": 30.0, "test_acc": a, "val_acc": a,
-             "acc_drop_pt": 91 - 100 * a} for c, a in (("flip", 0.905), ("latent", 0.91),
-                                                     ("random", 0.9))]
-    rows, summary = compare_rows(runs)
-    assert list(rows[0]) == ["criterion", "bops_pct", "test_acc", "acc_drop_pt"]
-    assert summary["winner"] == "latent"
-    assert summary["winner_margin_pt"] == pytest.approx(0.5)
 
 
 # ---- the stage scripts: bad input fails clearly and overwrites nothing ---------------------
@@ -301,7 +295,7 @@ def set_params(**groups):
     Path("params.yaml").write_text(yaml.safe_dump(params))
 
 
-def test_stages_prune_finetune_compare_write_their_outputs(project):
+def test_stages_prune_finetune_write_their_outputs(project):
     assert run_script("prune.py") == 0
     prune = json.loads(Path("reports/metrics/prune.json").read_text())
     model, ckpt = load_checkpoint("models/pruned.pt", arch="cnn")
@@ -312,14 +306,6 @@ def test_stages_prune_finetune_compare_write_their_outputs(project):
     assert run_script("finetune.py") == 0
     finetune = json.loads(Path("reports/metrics/finetune.json").read_text())
     assert finetune["acc_drop_pt"] == pytest.approx(100 * (0.5 - finetune["test_acc"]))
-    for criterion in ("latent", "random"):
-        assert run_script("compare.py", criterion) == 0
-        row = json.loads(Path(f"reports/metrics/compare/{criterion}.json").read_text())
-        assert row["bops_after"] == prune["total"]["bops_after"]  # equal BOPs
-    assert run_script("compare_summary.py") == 0
-    lines = Path("reports/plots/compare.csv").read_text().splitlines()
-    assert lines[0] == "criterion,bops_pct,test_acc,acc_drop_pt"
-    assert [line.split(",")[0] for line in lines[1:]] == ["flip", "latent", "random"]
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -349,14 +335,10 @@ def test_bad_input_fails_clearly_and_overwrites_nothing(project, capsys, bad, me
     assert all(Path(out).read_bytes() == SENTINEL for out in OUTPUTS)
 
 
-def test_iterative_prune_stage_retrains_with_flip_logging_and_compare_matches_budget(project):
+def test_iterative_prune_stage_retrains_with_flip_logging(project):
     set_params(prune={"iterations": 2, "retrain_epochs": 1, "tau": 0})
     assert run_script("prune.py") == 0
     prune = json.loads(Path("reports/metrics/prune.json").read_text())
     assert prune["retrain_epochs_total"] == 1  # one retrain between the two rounds
     assert set(prune["max_p"]) == {"1", "2"}
     assert not list(Path(".bnnprune/resume").glob("*.pt"))  # resume state cleaned up
-    assert run_script("compare.py", "random") == 0
-    row = json.loads(Path("reports/metrics/compare/random.json").read_text())
-    assert row["epochs"] == 1 + 1  # finetune epochs + the retrain epochs the prune stage spent
-    assert row["bops_after"] == prune["total"]["bops_after"]

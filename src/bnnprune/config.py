@@ -74,8 +74,6 @@ class PruneConfig:
     iterations: int = field(default=1, metadata=_range(1, 100))
     retrain_epochs: int = field(default=1, metadata=_range(1, 10000))
     seed: int = field(default=0, metadata=_range(0))
-    compare: list[Literal["flip", "latent", "random"]] = field(
-        default_factory=lambda: ["latent", "random"])
 
 
 METHODS = ("flip", "flip_tail", "latent", "flip_random", "uniform_random", "global_flip",

@@ -122,3 +122,17 @@ def load_flips(path: str | Path, model: nn.Module) -> dict[str, Any]:
                              f"{tuple(counts[n].shape)}, but its weight is "
                              f"{tuple(m.weight.shape)}")
     return flips
+
+
+def interval_counts(flips: dict[str, Any], interval: str) -> dict[str, torch.Tensor]:
+    """The flip counts of one pruning interval: 'window' (the schedule's last flip_window
+    epochs) or 'tail' (the constant-low-LR epochs after it)."""
+    if interval == "window":
+        return flips["counts"]
+    if interval != "tail":
+        raise FlipsError(f"flip interval {interval!r}; allowed: 'window', 'tail'")
+    if not flips.get("tail_observations"):
+        raise FlipsError("flip interval 'tail': the baseline was trained without a tail "
+                         "(train.tail_epochs: 0); allowed: set train.tail_epochs >= 1, or use "
+                         "the interval 'window'")
+    return flips["tail_counts"]

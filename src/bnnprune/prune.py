@@ -379,25 +379,3 @@ def finetune(model: BNN, splits: dict[str, Split], card: dict, cfg: TrainConfig,
 
 def accuracy(model: nn.Module, splits: dict[str, Split], card: dict) -> dict[str, float]:
     return {f"{k}_acc": evaluate(model, splits[k], card)["acc"] for k in ("val", "test")}
-
-
-def compare_rows(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows (criterion, bops_pct, test_acc, acc_drop_pt) of the plot file, and a summary naming
-    the criterion with the highest test accuracy and its margin over the runner-up."""
-    by_criterion: dict[str, dict[str, Any]] = {}
-    for run in runs:
-        by_criterion.setdefault(run["criterion"], run)
-    rows = [{"criterion": c, "bops_pct": r["bops_reduction_pct"], "test_acc": r["test_acc"],
-             "acc_drop_pt": r["acc_drop_pt"]} for c, r in by_criterion.items()]
-    ranked = sorted(rows, key=lambda r: -r["test_acc"])
-    bops = [r["bops_pct"] for r in rows]
-    summary = {
-        "winner": ranked[0]["criterion"],
-        "winner_margin_pt": (100.0 * (ranked[0]["test_acc"] - ranked[1]["test_acc"])
-                             if len(ranked) > 1 else 0.0),
-        "bops_pct_spread": max(bops) - min(bops),
-        "criteria": {c: {"bops_reduction_pct": r["bops_reduction_pct"],
-                         "test_acc": r["test_acc"], "val_acc": r["val_acc"],
-                         "acc_drop_pt": r["acc_drop_pt"]} for c, r in by_criterion.items()},
-    }
-    return rows, summary

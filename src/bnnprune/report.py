@@ -9,7 +9,6 @@ latencies (baseline / pruned; > 1 means the pruned model is faster).
 from __future__ import annotations
 
 import csv
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ from bnnprune.ops import count_ops, reduction_pct
 
 SUMMARY_JSON, SUMMARY_MD = "reports/summary.json", "reports/summary.md"
 PLOTS = {"flip_ratio": "reports/plots/flip_ratio.png", "channels": "reports/plots/channels.png",
-         "criteria": "reports/plots/criteria.png", "latency": "reports/plots/latency.png"}
+         "latency": "reports/plots/latency.png"}
+STUDY_PLOT = "reports/plots/study_pareto.png"  # written by the study_summary stage
 LATENCY_CSV = "reports/plots/latency.csv"
 SUMMARY_TAG = "bnnprune.summary"  # tag of the one summary run per pipeline execution
 LINK_TAG = "bnnprune.stage_run."  # + stage name: run id of the stage run the summary covers
@@ -36,7 +36,8 @@ INPUTS = {
     "pruned_model": ("models/finetuned.pt", "finetune"),
     "benchmark": ("reports/metrics/benchmark.json", "benchmark"),
     "export": ("reports/metrics/export.json", "export"),
-    "compare_summary": ("reports/metrics/compare_summary.json", "compare_summary"),
+    "study": ("reports/metrics/study.json", "study_summary"),
+    "study_md": ("reports/study/summary.md", "study_summary"),
 }
 
 
@@ -69,6 +70,8 @@ def load_inputs(root: str | Path = ".") -> dict[str, Any]:
                 out[name] = load_json(path)
             elif path.suffix == ".csv":
                 out[name] = read_csv(path)
+            elif path.suffix == ".md":
+                out[name] = path.read_text()
             else:
                 out[name] = load_checkpoint(path)[0].config
         except ReportError:
@@ -119,22 +122,6 @@ def speedups(benchmark: dict, export: dict) -> tuple[dict, dict, list[dict]]:
     return speedup, unavailable, rows
 
 
-def criteria_results(compare_summary: dict) -> tuple[dict[str, dict[str, float]], dict]:
-    """Per criterion (BOP reduction, test accuracy, drop after the same fine-tuning) and the
-    winner, as the compare_summary stage ranked them."""
-    src = INPUTS["compare_summary"][0]
-    criteria = {c: {"bops_pct": r["bops_reduction_pct"], "test_acc": r["test_acc"],
-                    "acc_drop_pt": r["acc_drop_pt"]}
-                for c, r in _get(compare_summary, "criteria", src).items()}
-    best = _get(compare_summary, "winner", src)
-    margin = compare_summary.get("winner_margin_pt")
-    others = sorted((c for c in criteria if c != best), key=lambda c: -criteria[c]["test_acc"])
-    tied = bool(others) and margin == 0
-    return criteria, {"criterion": None if tied else best,
-                      "runner_up": others[0] if others else None, "margin_pt": margin,
-                      "bops_pct_spread": compare_summary.get("bops_pct_spread")}
-
-
 def build_summary(inputs: dict[str, Any]) -> dict[str, Any]:
     card, prune = inputs["card"], inputs["prune"]
     base_acc = _get(inputs["train"], "test_acc", INPUTS["train"][0])
@@ -142,9 +129,7 @@ def build_summary(inputs: dict[str, Any]) -> dict[str, Any]:
     baseline = model_costs(inputs["baseline_model"], base_acc)
     pruned = model_costs(inputs["pruned_model"], pruned_acc)
     speedup, unavailable, _ = speedups(inputs["benchmark"], inputs["export"])
-    criteria, best = criteria_results(inputs["compare_summary"])
-    test_acc = criteria[best["criterion"]]["test_acc"] if best["criterion"] else pruned_acc
-    best["std_error_pt"] = 100 * math.sqrt(test_acc * (1 - test_acc) / card["sizes"]["test"])
+    study = inputs["study"]
     layers = [{"layer": name, "p_l": r.get("p"), "channels_before": r["channels_before"],
                "channels_after": r["channels_after"], "bops_before": r["bops_before"],
                "bops_after": r["bops_after"]}
@@ -166,8 +151,8 @@ def build_summary(inputs: dict[str, Any]) -> dict[str, Any]:
         "speedup": speedup,
         "speedup_unavailable": unavailable,
         "bnn_vs_float": bnn_vs_float(inputs["benchmark"]),
-        "criteria": criteria,
-        "criteria_winner": best,
+        "study": {"setting": _get(study, "setting", INPUTS["study"][0]),
+                  "verdict": _get(study, "verdict", INPUTS["study"][0])},
         "layers": layers,
         "onnx_parity": {name: {k: p.get(k) for k in (
             "images", "prediction_mismatches", "max_abs_logit_diff", "tolerance",
@@ -191,26 +176,16 @@ def _fmt(v: Any, spec: str = ",.0f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
-def markdown(s: dict[str, Any]) -> str:
+def markdown(s: dict[str, Any], study_md: str = "") -> str:
+    """The report; `study_md` (the study_summary stage's Findings and tables) goes first."""
     b, p, red = s["baseline"], s["pruned"], s["reduction"]
     m = s["model"]
-    w = s["criteria_winner"]
-    lines = [f"# bnnprune report: {m['arch']} (width {m['width']}) on {s['dataset']}", ""]
-    if w["criterion"] is None:
-        lines.append(f"**Pruning criteria tied** on the measured runs "
-                     f"({', '.join(s['criteria'])}).")
-    else:
-        margin = (f", by {w['margin_pt']:.2f} pt over `{w['runner_up']}`"
-                  if w["runner_up"] else "")
-        lines.append(f"**Winning pruning criterion on the measured runs: `{w['criterion']}`**"
-                     f" (highest test accuracy after the same fine-tuning{margin}; one run per "
-                     f"criterion, standard error of a test accuracy ~{w['std_error_pt']:.2f} pt"
-                     f", so a margin below ~{2 * w['std_error_pt']:.1f} pt is within noise).")
-    if (w.get("bops_pct_spread") or 0) > 1:
-        lines.append(f"Note: the criteria's BOP reductions differ by up to "
-                     f"{w['bops_pct_spread']:.1f} points, so they were not compared at exactly "
-                     f"the same budget.")
-    lines += ["", "## Baseline vs pruned", "",
+    lines = [f"# bnnprune report: {m['arch']} (width {m['width']}) on {s['dataset']}", "",
+             study_md.strip(), f"![study]({Path(STUDY_PLOT).relative_to('reports')})", "",
+             "## The pipeline's pruned model", "",
+             f"The prune stage's own model (criterion `{m['criterion']}`, tau "
+             f"{_fmt(m['tau'], 'g')}), fine-tuned, exported and benchmarked below.", "",
+             "## Baseline vs pruned", "",
               "| | test acc | BOPs | FLOPs (MACs) | OPs | size (bytes) |",
               "|---|---:|---:|---:|---:|---:|"]
     for name, r in (("baseline", b), (f"pruned ({m['criterion']}, tau {_fmt(m['tau'], 'g')})", p)):
@@ -238,11 +213,7 @@ def markdown(s: dict[str, Any]) -> str:
     mism = ", ".join(f"{n} {m}" for n, m in bf.get("prediction_mismatches", {}).items())
     lines += ["", f"Packed CPU engine vs torch float32 on the same model: "
               f"{_fmt(bf['speedup'], '.2f')}x; predictions differing from torch on the test "
-              f"set: {mism or 'not checked'}.", "", "## Pruning criteria", "",
-              "| criterion | BOP reduction | test acc | acc drop |", "|---|---:|---:|---:|"]
-    for c, r in s["criteria"].items():
-        lines.append(f"| {c}{' (winner)' if c == w['criterion'] else ''} | "
-                     f"{r['bops_pct']:.1f}% | {r['test_acc']:.4f} | {r['acc_drop_pt']:+.2f} pt |")
+              f"set: {mism or 'not checked'}."]
     lines += ["", "## ONNX (onnxruntime vs torch)", ""]
     for name, r in s["onnx_parity"].items():
         lines.append(f"- {name}: {r['prediction_mismatches']} of {r['images']} predictions "
@@ -297,17 +268,6 @@ def plot_all(s: dict[str, Any], flip_ratio: list[dict[str, float]],
     _save_fig(fig, root / PLOTS["channels"])
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for c, r in s["criteria"].items():
-        ax.scatter(r["bops_pct"], r["test_acc"], s=60)
-        ax.annotate(c, (r["bops_pct"], r["test_acc"]), textcoords="offset points",
-                    xytext=(5, 5))
-    ax.axhline(s["baseline"]["test_acc"], color="grey", linestyle="--", label="baseline")
-    ax.set(xlabel="BOP reduction (%)", ylabel="test accuracy",
-           title="Accuracy vs BOP reduction per criterion")
-    ax.legend()
-    _save_fig(fig, root / PLOTS["criteria"])
-
-    fig, ax = plt.subplots(figsize=(6, 4))
     x = range(len(latency_rows))
     ax.bar([i - 0.2 for i in x], [r["baseline_ms"] for r in latency_rows], 0.4,
            label="baseline")
@@ -327,7 +287,8 @@ def write_report(root: str | Path = ".",
     summary = build_summary(inputs)
     _, _, latency_rows = speedups(inputs["benchmark"], inputs["export"])
     save_json(root / SUMMARY_JSON, summary)
-    write_atomic(root / SUMMARY_MD, lambda p: p.write_text(markdown(summary)))
+    write_atomic(root / SUMMARY_MD,
+                 lambda p: p.write_text(markdown(summary, inputs.get("study_md", ""))))
     save_csv(root / LATENCY_CSV, [{"label": f"{r['backend']}: {m}", "backend": r["backend"],
                                    "model": m, "ms": r[f"{m}_ms"]}
                                   for r in latency_rows for m in ("baseline", "pruned")])
@@ -346,8 +307,7 @@ def headline_metrics(s: dict[str, Any]) -> dict[str, float]:
     out.update({f"speedup_{k}": v for k, v in s["speedup"].items() if v is not None})
     if s["bnn_vs_float"]["speedup"] is not None:
         out["bnn_vs_float_speedup"] = s["bnn_vs_float"]["speedup"]
-    for c, r in s["criteria"].items():
-        out.update({f"criteria/{c}/{k}": v for k, v in r.items()})
+    out["study/wins_over_all_controls"] = len(s["study"]["verdict"]["wins_over_all_controls"])
     return out
 
 
@@ -392,8 +352,7 @@ def log_summary_run(summary: dict[str, Any], root: str | Path = ".") -> dict[str
     run = mlflow.active_run()
     if run is None:
         return {}
-    mlflow.set_tags({SUMMARY_TAG: "true", "dataset": summary["dataset"],
-                     "criteria_winner": str(summary["criteria_winner"]["criterion"])})
+    mlflow.set_tags({SUMMARY_TAG: "true", "dataset": summary["dataset"]})
     log_metrics(headline_metrics(summary))
     root = Path(root)
     log_artifacts(root / SUMMARY_JSON, root / SUMMARY_MD, *(root / p for p in PLOTS.values()))

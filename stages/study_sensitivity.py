@@ -1,0 +1,37 @@
+"""study_sensitivity: the latent-weight paper's layer analysis on the baseline (each binary
+layer alone loses study.sensitivity_ratio of its channels; validation drop), which the
+`latent` method's allocation reads."""
+
+from bnnprune.cli import run_stage
+from bnnprune.config import load_params
+from bnnprune.data import load_prepared
+from bnnprune.files import save_json
+from bnnprune.models import load_checkpoint
+from bnnprune.study import head, layer_sensitivity, set_threads
+from bnnprune.tracking import log_artifacts, log_metrics, stage_run
+from bnnprune.train import fingerprint
+
+BASELINE, OUT = "models/baseline.pt", "reports/study/layer_sensitivity.json"
+
+
+def main() -> None:
+    params = load_params()
+    study, prune = params.study, params.prune
+    baseline, ckpt = load_checkpoint(BASELINE, arch=params.model.arch)
+    splits, card = load_prepared("data/prepared")
+    set_threads(params.finetune.threads)
+    groups = {"study": study, "prune": prune}
+    with stage_run("study_sensitivity", groups, fingerprint(groups, ckpt["meta"])):
+        layers = layer_sensitivity(baseline, head(splits["val"], study.sensitivity_images),
+                                   card, study.sensitivity_ratio, prune)
+        save_json(OUT, {"ratio": study.sensitivity_ratio,
+                        "val_images": min(study.sensitivity_images, len(splits["val"])),
+                        "layers": layers})
+        log_metrics({f"drop_pt/{n}": r["drop_pt"] for n, r in layers.items()})
+        log_artifacts(OUT)
+    for name, r in layers.items():
+        print(f"{name}: keep {r['kept']}/{r['channels']} -> val drop {r['drop_pt']:+.2f} pt")
+
+
+if __name__ == "__main__":
+    run_stage(main)
