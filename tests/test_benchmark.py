@@ -121,3 +121,80 @@ def test_triton_backend_wiring(monkeypatch):
     flat = benchmark.flat_metrics(res)
     assert {"speedup_triton_cuda", "pruned_triton_cuda_latency_ms",
             "pruned_triton_cuda_prediction_mismatches"} <= set(flat)
+
+
+def test_predicted_speedup_on_hand_numbers():
+    # t = 2 (not pruned), 6 (half the work), 2 (a quarter): 10 / (2 + 3 + 0.5) = 10 / 5.5
+    times = {"stem": 2.0, "conv": 6.0, "fc": 2.0}
+    ratios = {"stem": 1.0, "conv": 0.5, "fc": 0.25}
+    assert benchmark.predicted_speedup(times, ratios) == pytest.approx(10 / 5.5)
+    assert benchmark.predicted_speedup(times, dict.fromkeys(times, 1.0)) == pytest.approx(1.0)
+
+
+def test_layer_summary_on_hand_numbers():
+    ops = {"baseline": {"layers": [
+        {"name": "blocks.0", "kind": "conv", "binary": False, "out_channels": 4, "bops": 0,
+         "flops": 100},
+        {"name": "blocks.1", "kind": "conv", "binary": True, "out_channels": 8, "bops": 1000,
+         "flops": 0}]},
+        "pruned": {"layers": [
+            {"name": "blocks.0", "kind": "conv", "binary": False, "out_channels": 4, "bops": 0,
+             "flops": 100},
+            {"name": "blocks.1", "kind": "conv", "binary": True, "out_channels": 6, "bops": 750,
+             "flops": 0}]}}
+    calls = {"baseline": [{"blocks.0": 1.0, "blocks.1": 3.0}, {"blocks.0": 2.0, "blocks.1": 4.0},
+                          {"blocks.0": 1.5, "blocks.1": 5.0}],
+             "pruned": [{"blocks.0": 1.5, "blocks.1": 3.0}] * 3}
+    # peak: 2e6 MACs per call at 1 ms median (2e9/s), 0.5 ms best (4e9/s)
+    s = benchmark.layer_summary(ops, calls, batch_size=2, peak_ms=[0.5, 1.0, 2.0],
+                                peak_macs=2_000_000)
+    assert s["peak_binary_macs_per_s"]["median"] == pytest.approx(2e9)
+    assert s["peak_binary_macs_per_s"]["max"] == pytest.approx(4e9)
+    stem, conv = s["rows"]
+    assert (stem["baseline_ms"], stem["baseline_ms_min"], stem["work_ratio"]) == (1.5, 1.0, 1.0)
+    assert "baseline_pct_of_peak" not in stem  # float layers have no binary rate
+    assert (conv["baseline_ms"], conv["pruned_ms"], conv["work_ratio"]) == (4.0, 3.0, 0.75)
+    assert conv["channels"] == [8, 6] and conv["speedup"] == pytest.approx(4 / 3)
+    assert conv["share_of_work_ratio"] == pytest.approx(4 / 3 * 0.75)
+    # 1000 BOPs x batch 2 in 4 ms = 5e5 MACs/s = 0.025 % of 2e9; best: 2000 / 3 ms vs 4e9
+    assert conv["baseline_macs_per_s"] == pytest.approx(5e5)
+    assert conv["baseline_pct_of_peak"] == pytest.approx(100 * 5e5 / 2e9)
+    assert conv["baseline_pct_of_peak_best"] == pytest.approx(100 * 2000 / 3e-3 / 4e9)
+    assert s["baseline_ms_sum"] == 5.5 and s["pruned_ms_sum"] == 4.5
+    assert stem["baseline_share_of_time"] + conv["baseline_share_of_time"] == pytest.approx(1)
+    assert s["predicted_speedup"] == pytest.approx(5.5 / (1.5 + 4.0 * 0.75))
+
+
+def test_per_layer_timing_lines_up_with_count_ops(result):
+    from bnnprune.ops import count_ops
+
+    layers = result["layers"]
+    names = [r["name"] for r in count_ops(tiny([8, 8, 16, 16, 32, 32]))["layers"]]
+    assert [r["name"] for r in layers["rows"]] == names  # stem, binary blocks, classifier
+    assert names[0] == "blocks.0" and names[-1] == "classifier"
+    for r in layers["rows"]:
+        assert r["baseline_ms"] > 0 and r["pruned_ms"] > 0
+        assert 0 < r["work_ratio"] <= 1
+        assert ("baseline_pct_of_peak" in r) == r["binary"]
+    assert [r["work_ratio"] for r in layers["rows"]][0] == 1.0  # the stem is never pruned
+    assert layers["peak_binary_macs_per_s"]["median"] > 0
+    assert layers["predicted_speedup"] > 1
+    assert layers["measured_speedup"] == result["speedup"]["packed_cpu"]
+    assert layers["ops_ratio"] == result["ops_ratio"]
+    assert result["work_ratio"]["packed_cpu"] == result["ops_ratio"]
+    assert result["work_ratio"]["torch_float"] > 1
+    table = benchmark.layer_table_md(result)
+    assert table.count("\n| blocks.") == 6 and "| classifier" in table
+    assert "Predicted speedup" in table and "% of peak" in table
+
+
+def test_engine_layer_clock_sums_to_the_call():
+    from bnnprune.engine import PackedModel
+
+    engine = PackedModel.from_model(tiny([8, 5, 9, 16, 17, 32]))
+    x = torch.randn(4, 1, 28, 28)
+    times: dict[str, float] = {}
+    got = engine(x, times)
+    assert torch.equal(got, engine(x))  # the clock changes nothing
+    assert list(times) == [f"blocks.{i}" for i in range(6)] + ["classifier"]
+    assert all(v > 0 for v in times.values())

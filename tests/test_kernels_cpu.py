@@ -17,6 +17,7 @@ from bnnprune.kernels.pack import conv_weight_matrix, n_words, pack_pm1, unpack_
 GEMM_SHAPES = [  # (N, K, M): ragged K, K = 1, N = 1, M = 1, K = 64 and 128 exactly
     (1, 1, 1), (1, 64, 1), (3, 1, 5), (5, 31, 3), (7, 33, 1), (1, 65, 4), (6, 64, 7),
     (9, 128, 3), (17, 127, 33), (10, 129, 70), (33, 300, 16),
+    (13, 216, 24), (9, 432, 48), (6, 864, 96),  # rounded pruned widths: 4, 7, 14 words
 ]
 
 
@@ -269,3 +270,35 @@ def test_mismatch_limits_are_the_threshold_compare_and_pruned_widths_stay_exact(
         cpu.mismatch_limits(s * 2, t, k)
     with pytest.raises(ValueError, match="shapes differ"):
         cpu.binary_gemm_limits(ap, wp, limit[1:], flip)
+
+
+def test_peak_xor_popcount_counts_its_work():
+    from bnnprune.bench_kernels import PEAK_WORDS, PeakXorPopcount, _xor_popcount_loop
+
+    peak = PeakXorPopcount(threads=2, reps=3)
+    assert peak.macs == 64 * 2 * PEAK_WORDS * 3
+    got = peak().copy()
+    c0 = np.uint64(0x9E3779B97F4A7C15)
+    for t in range(2):  # the same sums in numpy
+        want = sum(int(np.bitwise_count(peak.buf[t] ^ (c0 + np.uint64(t + r))).sum())
+                   for r in range(3))
+        assert int(got[t]) == want
+    assert _xor_popcount_loop.signatures  # compiled once, at construction
+
+
+@pytest.mark.parametrize("k,stride,pad", [(2, 2, 0), (3, 2, 1), (3, 1, 1)])
+def test_maxpool_bits_is_maxpool_of_the_signs(k, stride, pad):
+    """OR of the window where BN increases, AND where it decreases == sign(BN(maxpool(acc)))
+    with -inf padding, on packed bits of 70 channels (two words)."""
+    g = torch.Generator().manual_seed(40)
+    acc = torch.randint(-9, 10, (2, 70, 7, 6), generator=g).float()  # (B, C, H, W)
+    s = torch.randint(0, 2, (70,), generator=g) * 2 - 1  # +1 increasing, -1 decreasing
+    t = torch.randint(-3, 4, (70,), generator=g)
+    sign = lambda a: (s.view(1, -1, 1, 1) * a >= t.view(1, -1, 1, 1)).float() * 2 - 1  # noqa: E731
+    want = sign(torch.nn.functional.max_pool2d(acc, k, stride, pad))
+    bits = cpu.pack_channels(sign(acc))  # (B, H, W, 2)
+    inc = pack_pm1(torch.where(s > 0, 1.0, -1.0))
+    dec = pack_pm1(torch.where(s < 0, 1.0, -1.0))
+    dec[-1] &= np.uint64(2**6 - 1)  # padding channels set in neither mask
+    got = cpu.maxpool_bits(bits, k, stride, pad, inc, dec)
+    assert (got == cpu.pack_channels(want)).all()

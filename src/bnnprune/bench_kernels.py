@@ -13,6 +13,12 @@ median wall time is reported; torch and numba use the same thread count.
 With --conv, whole binary convolutions of the default network are also timed, each side
 allocating its outputs: cpu.binary_conv2d(x float32 NCHW, packed weight) (pack channels +
 packed im2col + GEMM) vs F.conv2d(sign(x) padded, w) float32 (oneDNN).
+
+Peak: `PeakXorPopcount` measures this machine's XOR-popcount rate, the ceiling any binary layer
+can reach: every thread XORs words held in L1 (2,048 per thread, 16 KiB) with a register value,
+popcounts and accumulates in registers (LLVM: vpxorq + vpopcntq + vpaddq on AVX-512 VPOPCNTDQ),
+no stores. One word = 64 binary MACs. The whole-model benchmark times it interleaved with the
+models, so its rate and the layers' rates are measured under the same load.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numba import njit, prange
 
 from bnnprune.benchmark import time_interleaved
 from bnnprune.kernels import cpu
@@ -36,6 +43,50 @@ from bnnprune.kernels import cpu
 DEFAULT_CONVS = [(64, 32, 28, 28, 32), (64, 32, 14, 14, 64), (64, 64, 14, 14, 64),
                  (64, 64, 7, 7, 128), (64, 128, 7, 7, 128), (64, 128, 14, 14, 128)]
 DEFAULT_SHAPES = [(b * h * w, cin * 9, cout) for b, cin, h, w, cout in DEFAULT_CONVS]
+
+
+PEAK_WORDS = 2048  # uint64 words per thread: 16 KiB, resident in L1
+
+
+@njit(parallel=True, cache=True)
+def _xor_popcount_loop(buf, reps, out):
+    """Per thread t: sum over `reps` passes of popcount(buf[t, i] ^ c), c in a register."""
+    for t in prange(buf.shape[0]):
+        s = np.uint64(0)
+        c = np.uint64(0x9E3779B97F4A7C15) + np.uint64(t)
+        for _ in range(reps):
+            for i in range(buf.shape[1]):  # a reduction: vectorised, accumulators in registers
+                s += cpu._popc(buf[t, i] ^ c)
+            c += np.uint64(1)
+        out[t] = s
+    return out
+
+
+class PeakXorPopcount:
+    """A callable doing `macs` binary MACs (XOR + popcount + add) over `threads` threads:
+    rate = macs / its time. `reps` passes over each thread's L1-resident words (default:
+    ~0.5 ms of work at 1 TMAC/s per thread, so the parallel launch (~10 us) hardly counts)."""
+
+    def __init__(self, threads: int, reps: int = 4096, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.buf = rng.integers(0, 2**64, (max(threads, 1), PEAK_WORDS), dtype=np.uint64)
+        self.out = np.zeros(len(self.buf), np.uint64)
+        self.reps = reps
+        self.macs = 64 * self.buf.size * reps
+        self()  # compile outside any timing
+
+    def __call__(self) -> np.ndarray:
+        return _xor_popcount_loop(self.buf, self.reps, self.out)
+
+
+def peak_macs_per_s(threads: int, repeats: int = 50, warmup: int = 5) -> dict[str, float]:
+    """This machine's XOR-popcount rate (binary MACs/s) on `threads` threads, from the fastest
+    (`max`) and the median call."""
+    numba.set_num_threads(threads)
+    peak = PeakXorPopcount(threads)
+    ms = time_interleaved({"peak": peak}, warmup, repeats)["peak"]
+    return {"threads": threads, "max": peak.macs / (min(ms) / 1000),
+            "median": peak.macs / (float(np.median(ms)) / 1000)}
 
 
 def _summary(ms: dict[str, list[float]], base: str, names: list[str]) -> dict:

@@ -17,6 +17,17 @@ Prediction mismatches against the torch model on the CPU are counted per engine 
 Speedups are latency ratios baseline / pruned (> 1: the pruned model is faster), the report's
 convention; `backends` holds the per-backend view `report.py` and `gate.py` read
 (keys `cpu` = packed_cpu, `torch` = torch_float, `triton` = triton_cuda).
+
+Per layer (`layers`): every timed packed-engine call also clocks each layer (`engine(x, times)`:
+stem, binary blocks with their im2col / pooling / packing, and the head + classifier as
+`classifier`), so the layer times come from the same interleaved rounds as the whole-model
+times. Each layer's work w_l is its MACs from `ops.count_ops` (BOPs of a binary layer, FLOPs
+of a float one). The predicted speedup is the one the pruned model would get if every layer's
+time followed its own work,
+    predicted = sum_l t_l / sum_l t_l * (w'_l / w_l)       (t_l: baseline median ms in layer l),
+reported next to the measured one and the OPs ratio. The machine's peak XOR-popcount rate
+(`bench_kernels.PeakXorPopcount`) is timed in the same rounds; each binary layer's achieved
+binary MACs/s (its BOPs x batch / its time) is given as a % of it.
 """
 
 from __future__ import annotations
@@ -97,6 +108,54 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int,
     return times
 
 
+def predicted_speedup(base_ms: dict[str, float], work_ratio: dict[str, float]) -> float:
+    """sum_l t_l / sum_l t_l * r_l: the speedup if every layer's time scaled with its work;
+    base_ms: baseline time per layer, work_ratio: w'_l / w_l (pruned / baseline MACs)."""
+    return sum(base_ms.values()) / sum(t * work_ratio[name] for name, t in base_ms.items())
+
+
+def layer_summary(ops: dict[str, dict[str, Any]], layer_ms: dict[str, list[dict[str, float]]],
+                  batch_size: int, peak_ms: list[float], peak_macs: int) -> dict[str, Any]:
+    """Per-layer view of the packed engine, baseline vs pruned.
+
+    ops: {"baseline": count_ops(...), "pruned": ...}; layer_ms: per model, one {layer: ms} dict
+    per timed call; peak_ms: the peak kernel's ms per call doing `peak_macs` binary MACs."""
+    peak = {"median": peak_macs / (float(np.median(peak_ms)) / 1000),
+            "max": peak_macs / (float(np.min(peak_ms)) / 1000), "macs_per_call": peak_macs}
+    stats = {model: {name: (float(np.median([c[name] for c in calls])),
+                            float(np.min([c[name] for c in calls]))) for name in calls[0]}
+             for model, calls in layer_ms.items()}
+    rows, base_ms, ratios = [], {}, {}
+    pruned_rows = {r["name"]: r for r in ops["pruned"]["layers"]}
+    for r in ops["baseline"]["layers"]:
+        name, pr = r["name"], pruned_rows[r["name"]]
+        w, w2 = r["bops"] + r["flops"], pr["bops"] + pr["flops"]
+        (tb, tb_min), (tp, tp_min) = stats["baseline"][name], stats["pruned"][name]
+        base_ms[name], ratios[name] = tb, (w2 / w if w else 1.0)
+        row = {"name": name, "kind": r["kind"], "binary": r["binary"],
+               "channels": [r["out_channels"], pr["out_channels"]], "macs_baseline": w,
+               "macs_pruned": w2, "work_ratio": ratios[name], "baseline_ms": tb,
+               "baseline_ms_min": tb_min, "pruned_ms": tp, "pruned_ms_min": tp_min,
+               "time_ratio": tp / tb, "speedup": tb / tp,
+               "share_of_work_ratio": (tb / tp) * ratios[name]}
+        if r["binary"]:
+            for model, macs, t, t_min in (("baseline", w, tb, tb_min), ("pruned", w2, tp, tp_min)):
+                rate = macs * batch_size / (t / 1000)
+                row[f"{model}_macs_per_s"] = rate
+                row[f"{model}_pct_of_peak"] = 100 * rate / peak["median"]
+                row[f"{model}_pct_of_peak_best"] = 100 * macs * batch_size / (t_min / 1000) \
+                    / peak["max"]
+        rows.append(row)
+    base_total = sum(base_ms.values())
+    pruned_total = sum(stats["pruned"][name][0] for name in base_ms)
+    for row in rows:
+        row["baseline_share_of_time"] = row["baseline_ms"] / base_total
+    return {"peak_binary_macs_per_s": peak, "rows": rows,
+            "baseline_ms_sum": base_total, "pruned_ms_sum": pruned_total,
+            "speedup_of_layer_sums": base_total / pruned_total,
+            "predicted_speedup": predicted_speedup(base_ms, ratios)}
+
+
 def summarize(ms: list[float], batch_size: int) -> dict[str, float]:
     a = np.asarray(ms)
     med = float(np.median(a))
@@ -144,6 +203,9 @@ def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads:
     batch = len(x)
     skipped = skipped_backends()
     engines = {name: PackedModel.from_model(m) for name, m in models.items()}
+    from bnnprune.bench_kernels import PeakXorPopcount  # imports this module: not at the top
+
+    peak = PeakXorPopcount(numba.get_num_threads())
     triton_engines: dict[str, Any] = {}
     if "triton_cuda" not in skipped:
         from bnnprune.triton_engine import TritonModel  # imports triton: only with a GPU
@@ -151,13 +213,20 @@ def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads:
         device = torch.device(TRITON_DEVICE)
         x_dev = x.to(device)
         triton_engines = {name: TritonModel.from_model(m, device) for name, m in models.items()}
-    fns: dict[str, Callable[[], Any]] = {}
+    fns: dict[str, Callable[[], Any]] = {"peak_xor_popcount": peak}
+    layer_ms: dict[str, list[dict[str, float]]] = {name: [] for name in models}
     for name, m in models.items():
         def run_torch(m=m):
             with torch.no_grad():
                 return m(x)
+
+        def run_packed(e=engines[name], calls=layer_ms[name]):
+            seconds: dict[str, float] = {}
+            out = e(x, seconds)
+            calls.append({layer: 1000 * s for layer, s in seconds.items()})
+            return out
         fns[f"{name}/torch_float"] = run_torch
-        fns[f"{name}/packed_cpu"] = lambda e=engines[name]: e(x)
+        fns[f"{name}/packed_cpu"] = run_packed
         if name in triton_engines:
             def run_triton(e=triton_engines[name]):
                 out = e(x_dev)
@@ -172,8 +241,9 @@ def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads:
     ran = [b for b in BACKENDS if b not in skipped]
 
     per_model = {}
+    ops_by_model = {name: count_ops(m) for name, m in models.items()}
     for name, m in models.items():
-        ops = count_ops(m)["total"]
+        ops = ops_by_model[name]["total"]
         per_model[name] = {"channels": list(m.config["channels"]), "ops": ops["ops"],
                            "bops": ops["bops"], "flops": ops["flops"],
                            **{b: summarize(times[f"{name}/{b}"], batch) for b in ran}}
@@ -181,6 +251,14 @@ def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads:
     med = lambda m, b: m[b]["latency_ms_median"]  # noqa: E731
     speedup = {b: med(base, b) / med(pruned, b) for b in ran}
     ops_ratio = base["ops"] / pruned["ops"]
+    macs = {n: m["bops"] + m["flops"] for n, m in per_model.items()}  # what torch executes
+    work_ratio = {b: macs["baseline"] / macs["pruned"] if b == "torch_float" else ops_ratio
+                  for b in ran}
+    layers = layer_summary(ops_by_model, {n: calls[warmup:] for n, calls in layer_ms.items()},
+                           batch, times["peak_xor_popcount"], peak.macs)
+    layers["ops_ratio"] = ops_ratio
+    layers["measured_speedup"] = speedup["packed_cpu"]
+    layers["measured_vs_predicted"] = speedup["packed_cpu"] / layers["predicted_speedup"]
     bnn_vs_float = {name: m["packed_cpu"]["throughput_ips"] / m["torch_float"]["throughput_ips"]
                     for name, m in per_model.items()}
     checks = check_images if check_images is not None else images
@@ -207,6 +285,8 @@ def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads:
         "speedup": speedup,
         "ops_ratio": ops_ratio,
         "speedup_vs_ops_ratio": {b: s / ops_ratio for b, s in speedup.items()},
+        "work_ratio": work_ratio,  # OPs for the binary engines, MACs for torch float
+        "speedup_vs_work_ratio": {b: s / work_ratio[b] for b, s in speedup.items()},
         "bnn_vs_float": {**bnn_vs_float, "speedup": bnn_vs_float["pruned"],
                          "packed_ms": med(pruned, "packed_cpu"),
                          "float_ms": med(pruned, "torch_float")},
@@ -214,6 +294,7 @@ def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads:
         "prediction_mismatches": mism,  # packed_cpu, as before
         "prediction_mismatches_by_backend": mism_by_backend,
         "backends": backends,
+        "layers": layers,
     }
 
 
@@ -242,4 +323,48 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     for b, s in result["speedup"].items():
         out[f"speedup_{b}"] = s
         out[f"speedup_vs_ops_ratio_{b}"] = result["speedup_vs_ops_ratio"][b]
+    layers = result.get("layers")
+    if layers:
+        for key in ("predicted_speedup", "measured_vs_predicted"):
+            out[f"packed_cpu_{key}"] = layers[key]
+        out["peak_binary_macs_per_s"] = layers["peak_binary_macs_per_s"]["median"]
+        for row in layers["rows"]:
+            out[f"layer_{row['name']}_baseline_ms"] = row["baseline_ms"]
+            out[f"layer_{row['name']}_pruned_ms"] = row["pruned_ms"]
+            if row["binary"]:
+                out[f"layer_{row['name']}_baseline_pct_of_peak"] = row["baseline_pct_of_peak"]
     return out
+
+
+def layer_table_md(benchmark_json: dict[str, Any]) -> str:
+    """Markdown: the packed engine's time per layer, baseline vs pruned, with each layer's work
+    ratio and binary layers' % of the peak XOR-popcount rate, then the predicted-vs-measured
+    speedup line. `benchmark_json`: the content of reports/metrics/benchmark.json."""
+    layers = benchmark_json["layers"]
+    peak = layers["peak_binary_macs_per_s"]
+    batch = benchmark_json["config"]["batch_size"]
+    lines = [f"Packed CPU engine per layer, batch {batch}, median ms over "
+             f"{benchmark_json['config']['repeats']} interleaved rounds (min in brackets); "
+             f"peak XOR-popcount rate {peak['median'] / 1e12:.2f} T binary MACs/s "
+             f"(best {peak['max'] / 1e12:.2f}) on {benchmark_json['config']['threads']} threads.",
+             "",
+             "| layer | channels | MACs base | MACs ratio | base ms | pruned ms | time ratio "
+             "| share of base time | % of peak base | % of peak pruned |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in layers["rows"]:
+        kind = ("binary " if r["binary"] else "float ") + r["kind"]
+        pct = [f"{r[f'{m}_pct_of_peak']:.0f}% ({r[f'{m}_pct_of_peak_best']:.0f}%)"
+               if r["binary"] else "-" for m in ("baseline", "pruned")]
+        lines.append(
+            f"| {r['name']} ({kind}) | {r['channels'][0]} -> {r['channels'][1]} "
+            f"| {r['macs_baseline']:,} | {r['work_ratio']:.3f} "
+            f"| {r['baseline_ms']:.3f} [{r['baseline_ms_min']:.3f}] "
+            f"| {r['pruned_ms']:.3f} [{r['pruned_ms_min']:.3f}] | {r['time_ratio']:.3f} "
+            f"| {100 * r['baseline_share_of_time']:.1f}% | {pct[0]} | {pct[1]} |")
+    lines += ["", f"Sum of layers: {layers['baseline_ms_sum']:.3f} ms -> "
+                  f"{layers['pruned_ms_sum']:.3f} ms ({layers['speedup_of_layer_sums']:.3f}x). "
+                  f"Predicted speedup (every layer's time following its own MACs) "
+                  f"**{layers['predicted_speedup']:.3f}x**, measured **"
+                  f"{layers['measured_speedup']:.3f}x** = {layers['measured_vs_predicted']:.2f} of "
+                  f"the prediction; OPs ratio {layers['ops_ratio']:.3f}."]
+    return "\n".join(lines)

@@ -31,10 +31,14 @@ Per block of the model (layer -> pool -> BatchNorm):
   torch op runs at inference and the cores are never handed between two thread pools.
 Blocks none of this covers (average pooling between binary layers) run as torch modules.
 Threads: the kernels obey `numba.set_num_threads`, torch fallbacks `torch.set_num_threads`.
+Per-layer time: `engine(x, times)` adds each layer's seconds to the dict `times`, keyed as
+`ops.count_ops` names its rows (`blocks.<i>`, `classifier`: the head and classifier), so time
+and work line up layer by layer; a block's im2col, GEMM, pooling and packing count to it.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +105,7 @@ class _Step(LayerStep):
     stem: tuple | None = None  # (weight, alpha, beta): float conv + BN + sign in numba
     tail: tuple | None = None  # (pool, alpha, beta, gap, weight, bias): BN -> head -> classifier
     buffers: dict = field(default_factory=dict)
+    name: str = ""  # `blocks.<i>`, as `ops.count_ops` names the layer
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
         buf = self.buffers.get(name)
@@ -127,26 +132,6 @@ def _channel_masks(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     inc[:len(s)], dec[:len(s)] = s >= 0, s < 0
     pack = lambda m: np.packbits(m, bitorder="little").view("<u8").astype(np.uint64)  # noqa: E731
     return pack(inc), pack(dec)
-
-
-def _maxpool_bits(bits: np.ndarray, k: int, stride: int, pad: int, inc: np.ndarray,
-                  dec: np.ndarray) -> np.ndarray:
-    """Max pool of sign(BN(acc)) on packed channels-last bits (B, H, W, C_words): OR over the
-    window for channels where BN increases, AND where it decreases; padding never counts."""
-    b, h, w, cw = bits.shape
-    ph, pw = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-    widths = ((0, 0), (pad, pad), (pad, pad), (0, 0))
-    por = np.pad(bits, widths, constant_values=0) if pad else bits
-    pand = np.pad(bits, widths, constant_values=cpu.ALL_ONES) if pad else bits
-    any_ = np.zeros((b, ph, pw, cw), np.uint64)
-    all_ = np.full((b, ph, pw, cw), cpu.ALL_ONES)
-    for i in range(k):
-        for j in range(k):
-            rows = slice(i, i + stride * (ph - 1) + 1, stride)
-            cols = slice(j, j + stride * (pw - 1) + 1, stride)
-            any_ |= por[:, rows, cols]
-            all_ &= pand[:, rows, cols]
-    return (any_ & inc) | (all_ & dec)
 
 
 @torch.no_grad()
@@ -191,6 +176,13 @@ def _tail_params(step: _Step, model: BNN) -> tuple | None:
             np.ascontiguousarray(weight.float().numpy()), bias.float().numpy().copy())
 
 
+def _lap(times: dict[str, float], name: str, since: float) -> float:
+    """Add the seconds since `since` to times[name]; the new clock reading."""
+    now = time.perf_counter()
+    times[name] = times.get(name, 0.0) + now - since
+    return now
+
+
 def _sign_pm1(w: torch.Tensor) -> np.ndarray:
     return torch.where(w >= 0, 1.0, -1.0).to(torch.float32).numpy()
 
@@ -221,6 +213,8 @@ class PackedModel:
                 steps.append(_Step("linear", block, words, layer.in_features))
             else:
                 steps.append(_Step("torch", block))
+        for i, step in enumerate(steps):
+            step.name = f"blocks.{i}"
         if fuse:
             for step, nxt in zip(steps, steps[1:], strict=False):
                 pool = step.block.pool
@@ -250,16 +244,25 @@ class PackedModel:
         return cls(model, steps)
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, times: dict[str, float] | None = None) -> torch.Tensor:
+        """x (B, C, H, W) float32 -> logits (B, classes); `times`, if given, gets each layer's
+        seconds added (keys `blocks.<i>` and `classifier`)."""
+        clock = time.perf_counter()
         h: torch.Tensor | np.ndarray = x
         for step in self.steps:
             h = getattr(self, f"_{step.kind}")(step, h)
-        if self.steps[-1].tail is not None:
-            return h  # logits
-        model = self.model
-        if model.head == "gap" and h.dim() == 4:
-            h = h.mean(dim=(2, 3))
-        return model.classifier(h.flatten(1))
+            if times is not None:
+                clock = _lap(times, step.name, clock)
+        last = self.steps[-1]
+        if last.tail is not None:
+            logits = self._classify(last, h)  # h: the last layer's int32 outputs
+        else:
+            if self.model.head == "gap" and h.dim() == 4:
+                h = h.mean(dim=(2, 3))
+            logits = self.model.classifier(h.flatten(1))
+        if times is not None:
+            _lap(times, "classifier", clock)
+        return logits
 
     forward = __call__
 
@@ -275,7 +278,14 @@ class PackedModel:
         ow = (ww + 2 * layer.padding[1] - kw) // layer.stride[1] + 1
         out = step.buffer("bits", (b, oh, ow, n_words(w.shape[0])), np.uint64)
         bits = cpu.float_conv_sign(h, w, alpha, beta, layer.stride[0], layer.padding[0], out)
-        return bits if step.maxpool is None else _maxpool_bits(bits, *step.maxpool, *step.masks)
+        return bits if step.maxpool is None else self._maxpool(step, bits)
+
+    def _maxpool(self, step: _Step, bits: np.ndarray) -> np.ndarray:
+        k, stride, pad = step.maxpool
+        b, h, w, cw = bits.shape
+        shape = (b, (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1, cw)
+        return cpu.maxpool_bits(bits, k, stride, pad, *step.masks,
+                                out=step.buffer("pooled", shape, np.uint64))
 
     def _classify(self, step: _Step, acc: np.ndarray) -> torch.Tensor:
         """acc (B, H, W, M) int32 channels-last -> logits (B, classes), a new tensor."""
@@ -296,12 +306,11 @@ class PackedModel:
             out = step.buffer("bits", (b * oh * ow, n_words(m)), np.uint64)
             cpu.binary_gemm_limits(cols, step.words, *step.limits, out=out)
             bits = out.reshape(b, oh, ow, -1)  # packed channels-last: the next conv's input
-            return bits if step.maxpool is None else _maxpool_bits(bits, *step.maxpool,
-                                                                   *step.masks)
+            return bits if step.maxpool is None else self._maxpool(step, bits)
         acc = step.buffer("acc", (b * oh * ow, m), np.int32)
         cpu.binary_gemm(cols, step.words, step.k, out=acc)
         if step.tail is not None:
-            return self._classify(step, acc.reshape(b, oh, ow, m))
+            return acc.reshape(b, oh, ow, m)  # `__call__` classifies (timed as `classifier`)
         y = torch.from_numpy(acc).view(b, oh, ow, m).permute(0, 3, 1, 2).float()
         return step.block.bn(step.block.pool(y.contiguous()))
 
@@ -314,5 +323,5 @@ class PackedModel:
         acc = step.buffer("acc", (a.shape[0], m), np.int32)
         cpu.binary_gemm(a, step.words, step.k, out=acc)
         if step.tail is not None:
-            return self._classify(step, acc.reshape(a.shape[0], 1, 1, m))
+            return acc.reshape(a.shape[0], 1, 1, m)
         return step.block.bn(step.block.pool(torch.from_numpy(acc).float()))

@@ -117,26 +117,49 @@ def _im2col_packed(xc, c, kh, kw, stride, pad, out):
 
 
 @njit(inline="always")
+def _popc(x):
+    """popcount64 left in uint64 (two counts are summed before one narrowing to int32)."""
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return (x * np.uint64(0x0101010101010101)) >> np.uint64(56)
+
+
+@njit(inline="always")
 def _mismatch_counts(a, w, r0, acc):
-    """acc (ROWS, M) = popcount(a[r0 + rr] ^ w[:, j]) summed over words, rows r0..r0+3."""
+    """acc (ROWS, M) = popcount(a[r0 + rr] ^ w[:, j]) summed over words, rows r0..r0+3.
+
+    Two words of K per pass over M: each load and store of the (ROWS, M) counts then carries
+    two XOR-popcounts (measured 1 thread: 0.77 -> 0.96 TMAC/s at K_words 18, M 128)."""
     n, kwords = a.shape
     m = w.shape[1]
     acc[:] = 0
     if r0 + ROWS <= n:
-        for q in range(kwords):
+        q = 0
+        while q + 1 < kwords:
             a0, a1, a2, a3 = a[r0, q], a[r0 + 1, q], a[r0 + 2, q], a[r0 + 3, q]
+            b0, b1, b2, b3 = a[r0, q + 1], a[r0 + 1, q + 1], a[r0 + 2, q + 1], a[r0 + 3, q + 1]
             for j in range(m):  # vectorised over M
+                wq, wr = w[q, j], w[q + 1, j]
+                acc[0, j] += np.int64(_popc(a0 ^ wq) + _popc(b0 ^ wr))
+                acc[1, j] += np.int64(_popc(a1 ^ wq) + _popc(b1 ^ wr))
+                acc[2, j] += np.int64(_popc(a2 ^ wq) + _popc(b2 ^ wr))
+                acc[3, j] += np.int64(_popc(a3 ^ wq) + _popc(b3 ^ wr))
+            q += 2
+        if q < kwords:
+            a0, a1, a2, a3 = a[r0, q], a[r0 + 1, q], a[r0 + 2, q], a[r0 + 3, q]
+            for j in range(m):
                 wq = w[q, j]
-                acc[0, j] += popcount64(a0 ^ wq)
-                acc[1, j] += popcount64(a1 ^ wq)
-                acc[2, j] += popcount64(a2 ^ wq)
-                acc[3, j] += popcount64(a3 ^ wq)
+                acc[0, j] += np.int64(_popc(a0 ^ wq))
+                acc[1, j] += np.int64(_popc(a1 ^ wq))
+                acc[2, j] += np.int64(_popc(a2 ^ wq))
+                acc[3, j] += np.int64(_popc(a3 ^ wq))
     else:
         for rr in range(n - r0):
             for q in range(kwords):
                 aq = a[r0 + rr, q]
                 for j in range(m):
-                    acc[rr, j] += popcount64(aq ^ w[q, j])
+                    acc[rr, j] += np.int64(_popc(aq ^ w[q, j]))
 
 
 @njit(parallel=True, cache=True)
@@ -145,7 +168,7 @@ def _gemm(a, w, k, out):
     n, m = a.shape[0], out.shape[1]
     for blk in prange((n + ROWS - 1) // ROWS):
         r0 = blk * ROWS
-        acc = np.empty((ROWS, w.shape[1]), np.int32)
+        acc = np.empty((ROWS, w.shape[1]), np.int64)
         _mismatch_counts(a, w, r0, acc)
         for rr in range(min(ROWS, n - r0)):
             for j in range(m):
@@ -160,7 +183,7 @@ def _gemm_sign(a, w, limit, flip, out):
     n, m = a.shape[0], limit.shape[0]  # out (N, M_words); w and limit padded to whole vectors
     for blk in prange((n + ROWS - 1) // ROWS):
         r0 = blk * ROWS
-        acc = np.empty((ROWS, w.shape[1]), np.int32)
+        acc = np.empty((ROWS, w.shape[1]), np.int64)
         _mismatch_counts(a, w, r0, acc)
         for rr in range(min(ROWS, n - r0)):
             for q in range(out.shape[1]):
@@ -169,6 +192,31 @@ def _gemm_sign(a, w, limit, flip, out):
                 for j in range(min(64, m - base)):
                     word |= np.uint64(acc[rr, base + j] <= limit[base + j]) << np.uint64(j)
                 out[r0 + rr, q] = word ^ flip[q]
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _maxpool_bits(bits, k, stride, pad, inc, dec, out):
+    """out (B, PH, PW, C_words) = (OR of the window & inc) | (AND of the window & dec) over
+    packed channels-last bits (B, H, W, C_words); positions outside the image are left out."""
+    b, h, w, cw = bits.shape
+    _, ph, pw, _ = out.shape
+    for bp in prange(b * ph):
+        bi, py = bp // ph, bp % ph
+        for px in range(pw):
+            for q in range(cw):
+                any_ = np.uint64(0)
+                all_ = ALL_ONES
+                for i in range(k):
+                    iy = py * stride + i - pad
+                    if 0 <= iy < h:
+                        for j in range(k):
+                            ix = px * stride + j - pad
+                            if 0 <= ix < w:
+                                v = bits[bi, iy, ix, q]
+                                any_ |= v
+                                all_ &= v
+                out[bi, py, px, q] = (any_ & inc[q]) | (all_ & dec[q])
     return out
 
 
@@ -416,6 +464,16 @@ def _classify(acc, pool_k, pool_s, pool_p, alpha, beta, gap, wc, bias, out):
                 dot += feat[f] * wc[k, f]
             out[bi, k] = dot + bias[k]
     return out
+
+
+def maxpool_bits(bits: np.ndarray, k: int, stride: int, pad: int, inc: np.ndarray,
+                 dec: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Max pool of sign(BN(acc)) on packed channels-last bits (B, H, W, C_words) uint64: the OR
+    over the window for channels whose BN increases in acc (`inc` mask words), the AND where
+    it decreases (`dec`); padding never wins (as MaxPool2d's -inf) -> (B, PH, PW, C_words)."""
+    b, h, w, cw = bits.shape
+    shape = (b, (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1, cw)
+    return _maxpool_bits(bits, k, stride, pad, inc, dec, _buffer(out, shape, np.uint64))
 
 
 def float_conv_sign(x: Array, w: Array, alpha: Array, beta: Array, stride: int = 1,
