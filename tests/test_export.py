@@ -47,7 +47,7 @@ def pruned(tmp_path_factory):
     return model, path
 
 
-@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo", "folded"])
 def test_onnx_logits_match_torch_on_a_pruned_shaped_model(exporter, tmp_path, test_split):
     model = trained_like(PRUNED_CHANNELS)
     path = export.export_onnx(model, CARD, tmp_path / "m.onnx", ExportConfig(exporter=exporter))
@@ -58,7 +58,8 @@ def test_onnx_logits_match_torch_on_a_pruned_shaped_model(exporter, tmp_path, te
     # binarisation as standard ONNX ops: no custom domain, nothing onnxruntime lacks
     graph = onnx.load(str(path)).graph
     assert {n.domain for n in graph.node} <= {"", "ai.onnx"}
-    assert {"Where", "Conv"} <= {n.op_type for n in graph.node}
+    sign_op = "Less" if exporter == "folded" else "Where"
+    assert {sign_op, "Conv"} <= {n.op_type for n in graph.node}
 
 
 def test_normalisation_is_inside_the_graph(pruned, test_split):
@@ -161,11 +162,20 @@ def test_export_and_check_times_both_models_side_by_side(tmp_path, test_split):
         m = result["models"][name]
         assert set(m["latency_ms"]) == {"batch_1", "batch_16"}
         assert all(v > 0 for v in m["latency_ms"].values())
+        assert all(0 < m["latency_ms_min"][k] <= m["latency_ms"][k] for k in m["latency_ms"])
         assert m["parity"]["images"] == len(test_split)
     assert result["models"]["pruned"]["size_bytes"] < result["models"]["baseline"]["size_bytes"]
     assert result["speedup"]["batch_16"] == pytest.approx(
         result["models"]["baseline"]["latency_ms"]["batch_16"]
         / result["models"]["pruned"]["latency_ms"]["batch_16"], rel=1e-3)
+    from bnnprune.ops import count_ops
+
+    macs = [count_ops(m)["total"] for m in (base, small)]
+    ratio = (macs[0]["bops"] + macs[0]["flops"]) / (macs[1]["bops"] + macs[1]["flops"])
+    assert result["mac_ratio"] == pytest.approx(ratio)
+    assert result["speedup_vs_mac_ratio"]["batch_16"] == pytest.approx(
+        result["speedup"]["batch_16"] / ratio, rel=1e-3)
+    assert len(result["load_average"]["before"]) == 3
 
 
 def test_logged_mlflow_model_has_signature_and_runs(pruned, tmp_path, monkeypatch):
@@ -184,3 +194,38 @@ def test_logged_mlflow_model_has_signature_and_runs(pruned, tmp_path, monkeypatc
         assert out["logits"].shape == (3, 10)
     finally:
         mlflow.set_tracking_uri("")
+
+
+@pytest.mark.parametrize("channels", [PRUNED_CHANNELS, [8, 8, 16, 16, 32, 32]])
+def test_folded_binary_layers_give_the_same_integers(channels):
+    """sum(W) - 2 conv(L, W) with L = [x < 0] zero-padded equals the +1-padded sign conv,
+    layer by layer (exact integers) and for the whole model."""
+    model = trained_like(channels)
+    folded = export.fold_binary_layers(model)
+    x = torch.randn(5, 1, 28, 28)
+    x[0, 0, :3, :3] = 0.0  # sign(0) = +1 (L = 0)
+    with torch.no_grad():
+        h = x
+        for block, fblock in zip(model.blocks, folded.blocks, strict=True):
+            assert torch.equal(block.layer(h), fblock.layer(h))
+            h = block(h)
+        assert torch.equal(model(x), folded(x))
+    assert isinstance(folded.blocks[1].layer, export.FoldedBinaryConv2d)
+    assert model.blocks[1].layer.weight.requires_grad  # the original is left alone
+
+
+def test_folded_linear_is_exact():
+    from bnnprune.binary import BinaryLinear
+
+    layer = BinaryLinear(37, 5)
+    x = torch.randn(4, 37)
+    with torch.no_grad():
+        assert torch.equal(layer(x), export.FoldedBinaryLinear(layer)(x))
+
+
+def test_folded_graph_has_no_pad_or_where(tmp_path):
+    path = export.export_onnx(trained_like(PRUNED_CHANNELS), CARD, tmp_path / "f.onnx",
+                              ExportConfig(exporter="folded"))
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "Conv" in ops and "Less" in ops
+    assert not ops & {"Pad", "Where", "GreaterOrEqual"}

@@ -3,16 +3,29 @@
 The exported graph is self-contained: one input `images`, float32 (N, C, H, W) in [0, 1]
 (uint8 pixels / 255); the dataset normalisation (training-split mean/std) is inside the graph;
 one output `logits` (N, num_classes). The batch axis is dynamic. Binarisation is exported as
-standard ops (GreaterOrEqual + Where, Pad with +1, Conv), so plain onnxruntime runs it.
+standard ops, so plain onnxruntime runs it. Exporters (`export.exporter`):
+  dynamo  torch.export-based; a binary conv is GreaterOrEqual + Where on the input, Pad with
+          +1, Conv with the weight's Where(W >= 0, 1, -1) (onnxruntime folds that at load)
+  legacy  the TorchScript-based exporter, the same ops
+  folded  (default) dynamo on a copy whose binary layers are folded (`FoldedBinaryConv2d`):
+          sign(x) padded with +1, times constant ±1 weights, is rewritten exactly as
+          sum(W) - 2 * conv(L, W) with L = [x < 0] zero-padded: one Less + Cast, then a plain
+          Conv with constant weights -2 sign(W) and bias sum(sign(W)) and its own zero padding.
+          No Pad and no Where pass over the activations (measured ~20% faster at batch 64 and
+          256 than dynamo, the same predictions; every value is an integer below 2**24, so the
+          float32 sums are exact whatever their order).
+Every conv then runs on onnxruntime's NCHWc path (channels in blocks of 8 with AVX2, 16 with
+AVX-512); channel counts that are not multiples of the block are padded up to it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
+import os
 import statistics
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,13 +34,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from bnnprune.binary import binary_layers
+from bnnprune.benchmark import time_interleaved
+from bnnprune.binary import BinaryConv2d, BinaryLinear, binarize, binary_layers
 from bnnprune.config import ExportConfig
 from bnnprune.data import Split
 from bnnprune.files import write_atomic
 from bnnprune.models import BNN
+from bnnprune.ops import count_ops
 
 INPUT, OUTPUT = "images", "logits"
 BATCH_AXIS = "batch"
@@ -50,6 +66,46 @@ class ClientModel(nn.Module):
         return self.model((images - self.mean) / self.std)
 
 
+class FoldedBinaryConv2d(nn.Module):
+    """A `BinaryConv2d` for export: conv(sign(x) padded with +1, sign(W)) computed as
+    bias - conv(L, 2 sign(W)) with L = [x < 0] zero-padded (the +1 padding is L = 0) and
+    bias = sum of sign(W) over (Cin, kh, kw). Integer-valued, so exactly the same outputs."""
+
+    def __init__(self, layer: BinaryConv2d):
+        super().__init__()
+        w = binarize(layer.weight.detach())  # (Cout, Cin, kh, kw) ±1
+        self.register_buffer("weight", -2 * w)
+        self.register_buffer("bias", w.sum(dim=(1, 2, 3)))
+        self.stride, self.pad = layer.stride, layer.pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d((x < 0).to(x.dtype), self.weight, self.bias, self.stride, self.pad)
+
+
+class FoldedBinaryLinear(nn.Module):
+    """A `BinaryLinear` for export: sign(x) @ sign(W).T as sum(sign(W)) - L @ (2 sign(W)).T."""
+
+    def __init__(self, layer: BinaryLinear):
+        super().__init__()
+        w = binarize(layer.weight.detach())  # (M, F) ±1
+        self.register_buffer("weight", -2 * w)
+        self.register_buffer("bias", w.sum(dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear((x < 0).to(x.dtype), self.weight, self.bias)
+
+
+def fold_binary_layers(model: BNN) -> BNN:
+    """A copy of `model` whose binary layers are `FoldedBinaryConv2d` / `FoldedBinaryLinear`."""
+    model = copy.deepcopy(model).eval()
+    for block in model.blocks:
+        if isinstance(block.layer, BinaryConv2d):
+            block.layer = FoldedBinaryConv2d(block.layer)
+        elif isinstance(block.layer, BinaryLinear):
+            block.layer = FoldedBinaryLinear(block.layer)
+    return model
+
+
 def pixels(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32 in [0, 1]: what a client feeds the ONNX model."""
     return images.float() / 255
@@ -61,7 +117,8 @@ def client_model(model: BNN, card: dict) -> ClientModel:
 
 def export_onnx(model: BNN, card: dict, path: str | Path, cfg: ExportConfig) -> Path:
     """Write `model` as a client ONNX file at `path` (atomically) and verify its contract."""
-    client = client_model(model, card)
+    client = client_model(fold_binary_layers(model) if cfg.exporter == "folded" else model,
+                          card)
     example = torch.rand(2, *card["shape"])  # (2, C, H, W); batch 2 keeps the axis symbolic
 
     def write(tmp: Path) -> None:
@@ -69,7 +126,7 @@ def export_onnx(model: BNN, card: dict, path: str | Path, cfg: ExportConfig) -> 
         with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
             warnings.simplefilter("ignore")
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-            if cfg.exporter == "dynamo":
+            if cfg.exporter in ("dynamo", "folded"):
                 torch.onnx.export(
                     client, (example,), str(tmp), dynamo=True, external_data=False,
                     input_names=[INPUT], output_names=[OUTPUT], opset_version=cfg.opset,
@@ -215,22 +272,20 @@ def parity(model: BNN, sess: ort.InferenceSession, split: Split, card: dict,
 
 
 def latency(sessions: dict[str, ort.InferenceSession], images: torch.Tensor,
-            batch_sizes: list[int], repeats: int, warmup: int = 3) -> dict[str, dict[str, float]]:
-    """Median milliseconds per batch of each session, measured interleaved in one run so both
-    models see the same machine load: {name: {"batch_1": ms, ...}}."""
-    out: dict[str, dict[str, float]] = {name: {} for name in sessions}
+            batch_sizes: list[int], repeats: int, warmup: int = 3,
+            stat: str = "median") -> dict[str, dict[str, float]]:
+    """Milliseconds per batch of each session (`stat`: median, or min with stat="both" giving
+    {"median": ..., "min": ...}), measured interleaved (`benchmark.time_interleaved`, rotating
+    order) in one run so both models see the same machine load: {name: {"batch_1": ms}}."""
+    out: dict[str, dict[str, Any]] = {name: {} for name in sessions}
     for bs in batch_sizes:
         reps = -(-bs // len(images))
         x = pixels(images.repeat(reps, 1, 1, 1)[:bs]).numpy()  # (bs, C, H, W)
-        times: dict[str, list[float]] = {name: [] for name in sessions}
-        for i in range(warmup + repeats):
-            for name, sess in sessions.items():
-                start = time.perf_counter()
-                sess.run([OUTPUT], {INPUT: x})
-                if i >= warmup:
-                    times[name].append(time.perf_counter() - start)
+        times = time_interleaved({name: (lambda s=sess, x=x: s.run([OUTPUT], {INPUT: x}))
+                                  for name, sess in sessions.items()}, warmup, repeats)
         for name in sessions:
-            out[name][f"batch_{bs}"] = round(1000 * statistics.median(times[name]), 4)
+            med, low = round(statistics.median(times[name]), 4), round(min(times[name]), 4)
+            out[name][f"batch_{bs}"] = {"median": med, "min": low} if stat == "both" else med
     return out
 
 
@@ -250,12 +305,27 @@ def export_and_check(models: dict[str, tuple[BNN, str | Path]], test: Split, car
         result["models"][name] = {"path": str(path), "size_bytes": Path(path).stat().st_size,
                                   "parity": parity(model, sessions[name], test, card,
                                                    cfg.tolerance, cfg.max_outlier_fraction)}
-    times = latency(sessions, test.images, cfg.latency_batch_sizes, cfg.latency_repeats)
-    for name in models:
+    load = [round(v, 2) for v in os.getloadavg()]
+    both = latency(sessions, test.images, cfg.latency_batch_sizes, cfg.latency_repeats,
+                   stat="both")
+    result["load_average"] = {"before": load, "after": [round(v, 2) for v in os.getloadavg()]}
+    times = {name: {k: v["median"] for k, v in t.items()} for name, t in both.items()}
+    for name, (model, _) in models.items():
         result["models"][name]["latency_ms"] = times[name]
+        result["models"][name]["latency_ms_min"] = {k: v["min"] for k, v in both[name].items()}
+        total = count_ops(model)["total"]
+        result["models"][name]["macs"] = total["bops"] + total["flops"]  # as onnxruntime runs it
     if "baseline" in times and "pruned" in times:
         result["speedup"] = {k: round(times["baseline"][k] / times["pruned"][k], 4)
                              for k in times["pruned"]}
+        result["speedup_min"] = {
+            k: round(result["models"]["baseline"]["latency_ms_min"][k]
+                     / result["models"]["pruned"]["latency_ms_min"][k], 4) for k in times["pruned"]}
+        # every binary conv runs as a float conv: the work ratio is (BOPs + FLOPs), not OPs
+        mac_ratio = result["models"]["baseline"]["macs"] / result["models"]["pruned"]["macs"]
+        result["mac_ratio"] = mac_ratio
+        result["speedup_vs_mac_ratio"] = {k: round(v / mac_ratio, 4)
+                                          for k, v in result["speedup"].items()}
     result["parity_passed"] = all(m["parity"]["passed"] for m in result["models"].values())
     return result
 
