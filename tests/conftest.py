@@ -72,6 +72,10 @@ TINY = {
     # timing budgets: the numbers are not asserted on, only that the stages run and report
     "export": {"latency_batch_sizes": [1, 8], "latency_repeats": 2, "threads": 1},
     "benchmark": {"batch_size": 16, "threads": 1, "warmup": 1, "repeats": 2},
+    # the smallest study that still pairs seeds: 2 methods x 1 budget x 2 seeds
+    "study": {"methods": ["flip", "flip_random"], "budgets": [0.3], "seeds": [0, 1],
+              "recovery_steps": 2, "batch_size": 32, "channel_samples": 3,
+              "sensitivity_images": 50, "bootstrap": 200},
 }
 
 

@@ -43,10 +43,14 @@ def main(argv: list[str] | None = None) -> None:
                            "gate params; exit 1 with a table of what regressed")
     check.add_argument("--summary", default="reports/summary.json")
     check.add_argument("--params", default="params.yaml")
+    sub.add_parser("study", help="the newest criteria study's table (mean, 95%% CI, paired "
+                   "differences), rebuilt from its cell runs in MLflow")
     compare = sub.add_parser("compare", help="table of the MLflow summary runs (one per "
                              "pipeline execution): differing params and headline metrics")
     compare.add_argument("--max-runs", type=int, default=20)
     compare.add_argument("--all-params", action="store_true", help="show every param")
+    sub.add_parser("backfill", help="log what stages journaled while MLflow was unreachable "
+                   "(.bnnprune/journal/) into their runs")
     verify = sub.add_parser("verify-onnx", help="check that an .onnx file is a client model "
                             "(input 'images' [batch, C, H, W] float32, output 'logits')")
     verify.add_argument("path")
@@ -57,10 +61,18 @@ def main(argv: list[str] | None = None) -> None:
         from bnnprune.gate import run as gate
 
         run_stage(lambda: sys.exit(gate(args.summary, args.params)))
+    elif args.command == "study":
+        from bnnprune.study_report import study_from_mlflow
+
+        run_stage(lambda: print(study_from_mlflow()))
     elif args.command == "compare":
         from bnnprune.report import compare as compare_runs
 
         run_stage(lambda: print(compare_runs(args.max_runs, args.all_params)))
+    elif args.command == "backfill":
+        from bnnprune.tracking import backfill
+
+        run_stage(lambda: print("\n".join(backfill()) or "nothing to back-fill"))
     elif args.command == "verify-onnx":
         run_stage(lambda: verify_onnx(args.path, args.card))
     if args.command == "bench-flips":

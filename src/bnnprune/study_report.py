@@ -9,6 +9,7 @@ Differences are in accuracy points (100 * (a - b)). A comparison names a winner 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -235,3 +236,36 @@ def plot_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"method": m, "budget": float(b), "bops_pct": r["bops_reduction_pct"],
              "test_acc_before_recovery": r["before"]["mean"], "test_acc": r["after"]["mean"]}
             for m, by_budget in summary["methods"].items() for b, r in by_budget.items()]
+
+
+def study_from_mlflow(max_results: int = 5000) -> str:
+    """The newest study's table, rebuilt from its cell runs in MLflow (`bnnprune study`)."""
+    from mlflow.tracking import MlflowClient
+
+    from bnnprune.tracking import ensure_experiment, tracking_uri
+
+    experiment = ensure_experiment()
+    client = MlflowClient(tracking_uri())
+    parents = client.search_runs([experiment], "tags.stage = 'study'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        return "no study runs yet: run the study (dvc repro study_summary) with MLflow on"
+    parent = parents[0].info.run_id
+    runs = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}' and "
+                              f"attributes.status = 'FINISHED'", max_results=max_results)
+    cells = [{"method": r.data.tags["study.method"], "budget": float(r.data.tags["study.budget"]),
+              "seed": int(r.data.tags["study.seed"]), "channels": {},
+              **{k: r.data.metrics[k] for k in ("bops_reduction_pct", *PHASES.values())}}
+             for r in runs if "study.method" in r.data.tags]
+    if not cells:
+        return f"study run {parent}: no finished cells yet"
+    methods = sorted({c["method"] for c in cells})
+    complete = [c for c in cells if all(  # cells whose budget and seed every method has
+        any(o["method"] == m and o["budget"] == c["budget"] and o["seed"] == c["seed"]
+            for o in cells) for m in methods)]
+    budgets = sorted({c["budget"] for c in complete})
+    if not budgets:
+        return f"study run {parent}: {len(cells)} cells, no budget and seed every method has"
+    summary = summarize(complete, methods, budgets, baseline_test_acc=math.nan)
+    return "\n".join([f"study run {parent}: {len(cells)} cells", "",
+                      *tables_md(summary, None)])
