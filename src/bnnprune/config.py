@@ -98,12 +98,12 @@ class StudyConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    exporter: Literal["dynamo", "legacy"] = "dynamo"
+    exporter: Literal["folded", "dynamo", "legacy"] = "folded"  # see export.py
     opset: int = field(default=18, metadata=_range(13, 23))
     tolerance: float = field(default=1e-4, metadata=_range(0.0, 1.0, True))  # max |logit diff|
     # images allowed over `tolerance` because a binary input sits on the sign threshold
     max_outlier_fraction: float = field(default=0.01, metadata=_range(0.0, 1.0))
-    latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 256],
+    latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 64, 256],
                                            metadata=_range(1, 65536))
     latency_repeats: int = field(default=20, metadata=_range(1, 10000))
     threads: int = field(default=2, metadata=_range(0, 1024))
