@@ -66,7 +66,8 @@ def test_gemm_rejects_wrong_k():
         tk.binary_gemm(tk.pack_rows(rand(2, 33)), tk.pack_rows(rand(3, 33)), 100)
 
 
-@pytest.mark.parametrize("n,k,m", [(1, 33, 1), (7, 65, 3), (10, 31, 33), (4, 40, 70)])
+@pytest.mark.parametrize("n,k,m", [(1, 33, 1), (7, 65, 3), (10, 31, 33), (4, 40, 70),
+                                   (5, 216, 24), (3, 432, 48), (2, 864, 96)])  # rounded widths
 def test_gemm_sign(n, k, m):
     a, w = rand(n, k, seed=4), rand(m, k, seed=5)
     s, t = ref.fold_bn_sign(*bn_params(m, seed=6))

@@ -37,6 +37,10 @@ CASES = [
     # pruned, odd channel counts; 37 channels = 2 packed words between two fused convs
     ("cnn", [3, 8, 8], 0.25, [8, 5, 37, 9, 3, 7],
      ["torch", "conv:pooled", "conv:bits", "conv:pooled", "conv:bits", "conv:bn"]),
+    # the default CNN's widths after prune.round_to 8: 24/48/48/96/96 (24 and 48 channels
+    # leave part of a 32-bit word, 96 = 3 words)
+    ("cnn", [1, 8, 8], 1.0, [32, 24, 48, 48, 96, 96],
+     ["torch", "conv:pooled", "conv:bits", "conv:pooled", "conv:bits", "conv:bn"]),
     # flatten from a conv into binary linears; linear -> linear on packed rows
     ("alexnet", [1, 12, 12], 0.1, [6, 19, 7, 13, 9, 35, 11],
      ["torch", "conv:pooled", "conv:bits", "conv:bits", "conv:bn", "linear:bits",
