@@ -5,7 +5,7 @@ packed engine's prediction parity with torch on the full test set."""
 import hashlib
 from pathlib import Path
 
-from bnnprune.benchmark import BACKENDS, flat_metrics, latency_rows, run_benchmark
+from bnnprune.benchmark import BACKENDS, flat_metrics, latency_rows, layer_table_md, run_benchmark
 from bnnprune.cli import run_stage
 from bnnprune.config import as_dict, load_params
 from bnnprune.data import load_prepared, normalize
@@ -49,6 +49,7 @@ def main() -> None:
           f"(baseline) {result['bnn_vs_float']['pruned']:.2f}x (pruned); mismatches "
           f"{ {n: r['mismatches'] for n, r in result['prediction_mismatches'].items()} }; "
           f"skipped {result['skipped']}; load {result['machine']['load_average']}")
+    print(layer_table_md(result))
 
 
 if __name__ == "__main__":

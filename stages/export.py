@@ -34,7 +34,10 @@ def main() -> None:
         print(f"export {name}: {m['path']} {m['size_bytes']} bytes; parity on {p['images']} "
               f"images: {p['prediction_mismatches']} mismatches, max |logit diff| "
               f"{p['max_abs_logit_diff']:.2e}; latency {m['latency_ms']} ms")
-    print(f"export: onnxruntime speedup pruned vs baseline {result.get('speedup')}")
+    print(f"export: onnxruntime speedup pruned vs baseline {result.get('speedup')} (from min "
+          f"times {result.get('speedup_min')}); MAC ratio {result.get('mac_ratio')}, speedup "
+          f"as a share of it {result.get('speedup_vs_mac_ratio')}; load "
+          f"{result.get('load_average')}")
 
 
 if __name__ == "__main__":
