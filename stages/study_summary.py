@@ -7,11 +7,11 @@ from bnnprune.cli import run_stage
 from bnnprune.config import load_params
 from bnnprune.files import load_json, save_csv, save_json, write_atomic
 from bnnprune.models import load_checkpoint
+from bnnprune.plots import pareto_plot
 from bnnprune.study import parent_run
 from bnnprune.study_report import (
     findings_md,
     load_cells,
-    pareto_plot,
     plot_rows,
     summarize,
     tables_md,

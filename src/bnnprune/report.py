@@ -13,9 +13,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from bnnprune.benchmark import layer_table_md
 from bnnprune.files import load_json, save_csv, save_json, write_atomic
 from bnnprune.models import load_checkpoint
 from bnnprune.ops import count_ops, reduction_pct
+from bnnprune.plots import plot_all
 
 SUMMARY_JSON, SUMMARY_MD = "reports/summary.json", "reports/summary.md"
 PLOTS = {"flip_ratio": "reports/plots/flip_ratio.png", "channels": "reports/plots/channels.png",
@@ -176,8 +178,9 @@ def _fmt(v: Any, spec: str = ",.0f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
-def markdown(s: dict[str, Any], study_md: str = "") -> str:
-    """The report; `study_md` (the study_summary stage's Findings and tables) goes first."""
+def markdown(s: dict[str, Any], study_md: str = "", layers_md: str = "") -> str:
+    """The report; `study_md` (the study_summary stage's Findings and tables) goes first,
+    `layers_md` (the packed engine's time per layer) follows the speedups."""
     b, p, red = s["baseline"], s["pruned"], s["reduction"]
     m = s["model"]
     lines = [f"# bnnprune report: {m['arch']} (width {m['width']}) on {s['dataset']}", "",
@@ -214,6 +217,8 @@ def markdown(s: dict[str, Any], study_md: str = "") -> str:
     lines += ["", f"Packed CPU engine vs torch float32 on the same model: "
               f"{_fmt(bf['speedup'], '.2f')}x; predictions differing from torch on the test "
               f"set: {mism or 'not checked'}."]
+    if layers_md:
+        lines += ["", "## Where the packed engine's time goes", "", layers_md.strip()]
     lines += ["", "## ONNX (onnxruntime vs torch)", ""]
     for name, r in s["onnx_parity"].items():
         lines.append(f"- {name}: {r['prediction_mismatches']} of {r['images']} predictions "
@@ -226,58 +231,6 @@ def markdown(s: dict[str, Any], study_md: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save_fig(fig: Any, path: str | Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100,
-                                             metadata={"Software": None}))
-    plt.close(fig)
-
-
-def plot_all(s: dict[str, Any], flip_ratio: list[dict[str, float]],
-             latency_rows: list[dict[str, Any]], root: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    epochs = [r["epoch"] for r in flip_ratio]
-    layers = [k for k in flip_ratio[0] if k != "epoch"]
-    for layer in layers:
-        ax.plot(epochs, [r[layer] for r in flip_ratio], marker="o", label=layer)
-    positive = all(r[k] > 0 for r in flip_ratio for k in layers)
-    ax.set(xlabel="epoch", ylabel="flip ratio per observation",
-           yscale="log" if positive else "linear",
-           title="Weight sign flips per layer during training")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.legend(fontsize=8)
-    _save_fig(fig, root / PLOTS["flip_ratio"])
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    names = [r["layer"] for r in s["layers"]]
-    x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [r["channels_before"] for r in s["layers"]], 0.4,
-           label="before")
-    ax.bar([i + 0.2 for i in x], [r["channels_after"] for r in s["layers"]], 0.4, label="after")
-    ax.set_xticks(list(x), names)
-    ax.set(ylabel="output channels", title="Channels per binary layer")
-    ax.legend()
-    _save_fig(fig, root / PLOTS["channels"])
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    x = range(len(latency_rows))
-    ax.bar([i - 0.2 for i in x], [r["baseline_ms"] for r in latency_rows], 0.4,
-           label="baseline")
-    ax.bar([i + 0.2 for i in x], [r["pruned_ms"] for r in latency_rows], 0.4, label="pruned")
-    ax.set_xticks(list(x), [r["backend"] for r in latency_rows])
-    ax.set(ylabel="latency (ms per batch)", yscale="log", title="Latency per backend")
-    ax.legend()
-    _save_fig(fig, root / PLOTS["latency"])
-
-
 def write_report(root: str | Path = ".",
                  inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read every stage's outputs under `root` (unless given as `inputs`); write summary.json/
@@ -287,12 +240,14 @@ def write_report(root: str | Path = ".",
     summary = build_summary(inputs)
     _, _, latency_rows = speedups(inputs["benchmark"], inputs["export"])
     save_json(root / SUMMARY_JSON, summary)
-    write_atomic(root / SUMMARY_MD,
-                 lambda p: p.write_text(markdown(summary, inputs.get("study_md", ""))))
+    bench = inputs["benchmark"]
+    layers_md = layer_table_md(bench) if "layers" in bench else ""  # older files: no layers
+    md = markdown(summary, inputs.get("study_md", ""), layers_md)
+    write_atomic(root / SUMMARY_MD, lambda p: p.write_text(md))
     save_csv(root / LATENCY_CSV, [{"label": f"{r['backend']}: {m}", "backend": r["backend"],
                                    "model": m, "ms": r[f"{m}_ms"]}
                                   for r in latency_rows for m in ("baseline", "pruned")])
-    plot_all(summary, inputs["flip_ratio"], latency_rows, root)
+    plot_all(summary, inputs["flip_ratio"], latency_rows, {k: root / v for k, v in PLOTS.items()})
     return summary
 
 

@@ -203,34 +203,6 @@ def findings_md(summary: dict[str, Any], hypothesis: dict[str, Any] | None,
     return lines
 
 
-def pareto_plot(summary: dict[str, Any], path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
-    for ax, phase, title in zip(axes, PHASES, ("right after surgery", "after recovery"),
-                                strict=True):
-        for m, by_budget in summary["methods"].items():
-            rows = list(by_budget.values())
-            x = [r["bops_reduction_pct"] for r in rows]
-            y = [100 * r[phase]["mean"] for r in rows]
-            err = [0 if r[phase]["lo"] is None else 100 * (r[phase]["hi"] - r[phase]["mean"])
-                   for r in rows]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=m)
-        ax.axhline(100 * summary["baseline_test_acc"], color="gray", ls="--", lw=1,
-                   label="baseline")
-        ax.set(xlabel="BOP reduction (%)", ylabel="test accuracy (%)",
-               title=f"Test accuracy {title} (mean, 95% CI over seeds)")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def plot_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """reports/plots/study.csv: one row per method and budget (dvc plots)."""
     return [{"method": m, "budget": float(b), "bops_pct": r["bops_reduction_pct"],
