@@ -91,7 +91,7 @@ class StudyConfig:
     batch_size: int = field(default=128, metadata=_range(1, 65536))
     lr: float = field(default=0.001, metadata=_range(0.0, 10.0, True))
     sensitivity_ratio: float = field(default=0.5, metadata=_range(0.0, 1.0, True, True))
-    channel_samples: int = field(default=16, metadata=_range(2, 100000))  # per binary layer
+    channel_samples: int = field(default=32, metadata=_range(2, 100000))  # per binary layer
     sensitivity_images: int = field(default=2000, metadata=_range(1))  # validation images
     bootstrap: int = field(default=2000, metadata=_range(100, 10**6))
 
