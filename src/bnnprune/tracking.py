@@ -4,15 +4,25 @@
 experiments in temporary copies of the project; the default URI points at the project itself
 there too (DVC_ROOT), so every experiment lands in the same database.
 `BNNPRUNE_MLFLOW=off` turns tracking off explicitly (every DVC output is still written).
+
+Tracking that stops working in the middle of a stage does not stop the stage: from the first
+failed call on, everything the run would have logged (metrics with their steps and times, tags,
+artifacts, its end) goes to a journal, `.bnnprune/journal/<run id>.jsonl` in the project, the
+stage writes its outputs and ends with a warning, and `bnnprune backfill` replays the journal
+once the server is back. A server that cannot be reached when a stage starts stops the stage
+before any work (TrackingError).
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import shutil
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,13 +32,16 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 import mlflow  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient, fluent  # noqa: E402
 
 from bnnprune.config import flat_dict  # noqa: E402
-from bnnprune.files import load_json, save_json  # noqa: E402
+from bnnprune.files import load_json, save_json, write_atomic  # noqa: E402
 
 EXPERIMENT = os.environ.get("BNNPRUNE_EXPERIMENT", "bnnprune")
 RUN_STATE_DIR = Path(".bnnprune/runs")
+JOURNAL_DIR = ".bnnprune/journal"  # under the project root
 
 
 class TrackingError(RuntimeError):
@@ -103,12 +116,122 @@ def _tags(stage: str, config_hash: str) -> dict[str, str]:
     return tags
 
 
+def is_outage(e: BaseException) -> bool:
+    """A failure of the tracking server or store (unreachable, timed out, 5xx), as opposed to a
+    call MLflow rejects (4xx: a bug to fix, not something to replay later)."""
+    if isinstance(e, MlflowException):
+        return e.get_http_status_code() >= 500
+    return isinstance(e, OSError)
+
+
+class _Journal:
+    """What the active stage run could not log, appended as JSON lines (the first names the
+    run and its tracking URI); artifacts are copied beside it, as they were when logged."""
+
+    def __init__(self, run_id: str, stage: str, uri: str) -> None:
+        self.path = project_root() / JOURNAL_DIR / f"{run_id}.jsonl"
+        self.header = {"op": "run", "run_id": run_id, "stage": stage, "uri": uri}
+        self.error: str | None = None
+        self.calls = 0
+
+    def add(self, entry: dict[str, Any]) -> None:
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.header) + "\n")
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        self.calls += 1
+
+    def copy(self, path: Path) -> str:
+        dest = self.path.with_suffix("") / f"{self.calls}-{path.name}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if path.is_dir() else shutil.copy2)(path, dest)
+        return str(dest)
+
+
+_journal: _Journal | None = None
+
+
+def _call(entry: Callable[[], dict[str, Any]], call: Callable[[], Any]) -> None:
+    """Make one tracking call; once tracking has failed in this run, journal `entry()`."""
+    if _journal is not None and _journal.error is None:
+        try:
+            call()
+            return
+        except Exception as e:
+            if not is_outage(e):
+                raise
+            _journal.error = f"{type(e).__name__}: {e}"
+    if _journal is not None:
+        _journal.add(entry())
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    if not mlflow.active_run():
+        return
+    values = {k: float(v) for k, v in metrics.items()}
+    now = int(time.time() * 1000)
+    _call(lambda: {"op": "metrics", "metrics": values, "step": step or 0, "timestamp": now},
+          lambda: fluent.log_metrics(values, step=step, timestamp=now))
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    if mlflow.active_run():
+        values = {k: str(v) for k, v in tags.items()}
+        _call(lambda: {"op": "tags", "tags": values}, lambda: fluent.set_tags(values))
+
+
+def set_tag(key: str, value: Any) -> None:
+    set_tags({key: value})
+
+
+def log_params(params: dict[str, Any]) -> None:
+    if mlflow.active_run():
+        values = {k: str(v) for k, v in params.items()}
+        _call(lambda: {"op": "params", "params": values}, lambda: fluent.log_params(values))
+
+
+def log_artifacts(*paths: str | Path) -> None:
+    """Log files and folders (a folder under its own name); a journaled one is copied as it is
+    now, since the file may change before the backfill."""
+    if not mlflow.active_run():
+        return
+    for p in filter(Path.exists, map(Path, paths)):
+        where = p.name if p.is_dir() else None
+        _call(lambda p=p, w=where: {"op": "artifact", "path": _journal.copy(p),
+                                    "artifact_path": w},
+              (lambda p=p, w=where: mlflow.log_artifacts(str(p), artifact_path=w))
+              if p.is_dir() else (lambda p=p: mlflow.log_artifact(str(p))))
+
+
+@contextmanager
+def _fluent_calls_journaled() -> Iterator[None]:
+    """Library code that calls mlflow's fluent API itself (train.fit's per-epoch metrics,
+    study/report tags) goes through the journal too while a stage run is active."""
+    saved = mlflow.log_metrics, mlflow.set_tags, mlflow.set_tag
+    mlflow.log_metrics, mlflow.set_tags, mlflow.set_tag = log_metrics, set_tags, set_tag
+    try:
+        yield
+    finally:
+        mlflow.log_metrics, mlflow.set_tags, mlflow.set_tag = saved
+
+
+def _end_run(status: str) -> None:
+    now = int(time.time() * 1000)
+    _call(lambda: {"op": "end", "status": status, "end_time": now},
+          lambda: mlflow.end_run(status))
+    if mlflow.active_run():  # end_run failed before popping the run: pop it without the server
+        fluent._active_run_stack.get().pop()
+
+
 @contextmanager
 def stage_run(stage: str, params: Any, config_hash: str) -> Iterator[Any]:
     """One MLflow run for one stage execution.
 
     A run left RUNNING by a killed process of the same stage and config is continued (and
-    tagged `resumed`) instead of duplicated. The run ends FAILED if the stage raises."""
+    tagged `resumed`) instead of duplicated. The run ends FAILED if the stage raises. When
+    tracking fails mid-stage the stage still finishes: see the module docstring."""
+    global _journal
     if not enabled():
         yield None
         return
@@ -119,28 +242,85 @@ def stage_run(stage: str, params: Any, config_hash: str) -> Iterator[Any]:
         state = load_json(state_file)
         if state.get("config_hash") == config_hash:
             run_id = state["run_id"]
-    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
-                          run_name=None if run_id else stage,
-                          tags=None if run_id else _tags(stage, config_hash)) as run:
-        if run_id:
-            mlflow.set_tag("resumed", "true")
-        else:
-            mlflow.log_params({k: v for k, v in flat_dict(params).items()})
-        save_json(state_file, {"run_id": run.info.run_id, "config_hash": config_hash})
-        yield run
+    try:
+        run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
+                               run_name=None if run_id else stage,
+                               tags=None if run_id else _tags(stage, config_hash))
+    except Exception as e:
+        if is_outage(e):
+            raise TrackingError(f"MLflow tracking URI {tracking_uri()!r} failed when stage "
+                                f"{stage!r} started its run ({type(e).__name__}: {e})") from e
+        raise
+    journal = _journal = _Journal(run.info.run_id, stage, tracking_uri())
+    if run_id:
+        set_tag("resumed", "true")
+    else:
+        log_params(flat_dict(params))
+    save_json(state_file, {"run_id": run.info.run_id, "config_hash": config_hash})
+    try:
+        with _fluent_calls_journaled():
+            yield run
+    except BaseException as e:
+        _end_run("FAILED")
+        if is_outage(e):  # a tracking call the journal does not cover (e.g. log_model)
+            raise TrackingError(f"MLflow tracking failed in stage {stage!r} "
+                                f"({type(e).__name__}: {e}); outputs written before this "
+                                f"point are kept") from e
+        raise
+    else:
+        _end_run("FINISHED")
+    finally:
+        _journal = None
     state_file.unlink(missing_ok=True)
+    if journal.error:
+        print(f"warning: MLflow tracking at {journal.header['uri']!r} failed during stage "
+              f"{stage!r} ({journal.error}). The stage finished and wrote its outputs; "
+              f"{journal.calls} tracking call(s) of run {run.info.run_id} were saved to "
+              f"{journal.path}. Run `bnnprune backfill` once the server is back.",
+              file=sys.stderr)
 
 
-def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    if mlflow.active_run():
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+def _replay(client: MlflowClient, run_id: str, entry: dict[str, Any]) -> None:
+    op = entry["op"]
+    if op == "metrics":
+        client.log_batch(run_id, metrics=[Metric(k, v, entry["timestamp"], entry["step"])
+                                          for k, v in entry["metrics"].items()])
+    elif op == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in entry["tags"].items()])
+    elif op == "params":
+        client.log_batch(run_id, params=[Param(k, v) for k, v in entry["params"].items()])
+    elif op == "artifact":
+        if Path(entry["path"]).is_dir():
+            client.log_artifacts(run_id, entry["path"], entry["artifact_path"])
+        else:
+            client.log_artifact(run_id, entry["path"], entry["artifact_path"])
+    elif op == "end":
+        client.set_terminated(run_id, entry["status"], entry["end_time"])
+    else:
+        raise TrackingError(f"unknown journal entry {op!r}; expected metrics, tags, params, "
+                            f"artifact or end")
 
 
-def log_artifacts(*paths: str | Path) -> None:
-    if not mlflow.active_run():
-        return
-    for p in map(Path, paths):
-        if p.is_dir():
-            mlflow.log_artifacts(str(p), artifact_path=p.name)
-        elif p.is_file():
-            mlflow.log_artifact(str(p))
+def backfill() -> list[str]:
+    """Replay every journal under the project into the tracking store its run lives in, in
+    order; a journal is deleted once all of it is logged. Returns one line per journal."""
+    lines = []
+    for path in sorted((project_root() / JOURNAL_DIR).glob("*.jsonl")):
+        header, *entries = (json.loads(line) for line in path.read_text().splitlines())
+        client = MlflowClient(header["uri"])
+        for done, entry in enumerate(entries):
+            try:
+                _replay(client, header["run_id"], entry)
+            except Exception as e:
+                rest = [header, *entries[done:]]
+                write_atomic(path, lambda p, r=rest: p.write_text(
+                    "".join(json.dumps(x) + "\n" for x in r)))
+                raise TrackingError(
+                    f"{path}: back-filling run {header['run_id']} into {header['uri']!r} "
+                    f"failed after {done} of {len(entries)} calls ({type(e).__name__}: {e}); "
+                    f"the rest is kept: run `bnnprune backfill` again") from e
+        shutil.rmtree(path.with_suffix(""), ignore_errors=True)
+        path.unlink()
+        lines.append(f"{header['stage']}: {len(entries)} call(s) logged to run "
+                     f"{header['run_id']} at {header['uri']}")
+    return lines
