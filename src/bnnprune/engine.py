@@ -299,16 +299,15 @@ class PackedModel:
         b, hh, ww, _ = xc.shape
         oh = (hh + 2 * step.pad - step.kh) // step.stride + 1
         ow = (ww + 2 * step.pad - step.kw) // step.stride + 1
-        cols = step.buffer("cols", (b * oh * ow, n_words(step.k)), np.uint64)
-        cpu.im2col_packed(xc, step.in_channels, step.kh, step.kw, step.stride, step.pad, cols)
         m = step.words.shape[1]
-        if step.fused is not None:
+        pw = cpu.PackedConvWeight(step.words, step.in_channels, step.kh, step.kw)
+        if step.fused is not None:  # im2col + GEMM + BN-sign in one kernel, bits out
             out = step.buffer("bits", (b * oh * ow, n_words(m)), np.uint64)
-            cpu.binary_gemm_limits(cols, step.words, *step.limits, out=out)
+            cpu.conv_packed(xc, pw, step.stride, step.pad, step.limits, out)
             bits = out.reshape(b, oh, ow, -1)  # packed channels-last: the next conv's input
             return bits if step.maxpool is None else self._maxpool(step, bits)
         acc = step.buffer("acc", (b * oh * ow, m), np.int32)
-        cpu.binary_gemm(cols, step.words, step.k, out=acc)
+        cpu.conv_packed(xc, pw, step.stride, step.pad, out=acc)
         if step.tail is not None:
             return acc.reshape(b, oh, ow, m)  # `__call__` classifies (timed as `classifier`)
         y = torch.from_numpy(acc).view(b, oh, ow, m).permute(0, 3, 1, 2).float()

@@ -79,38 +79,51 @@ def _pack_channels_nchw(x):
     return out
 
 
+@njit(inline="always")
+def _padding_pixel(c, cw):
+    """The +1 padding pixel's channel words: all ones, the last word's tail zero."""
+    ones = np.full(cw, ALL_ONES)
+    ones[cw - 1] = tail_mask(c - 64 * (cw - 1))
+    return ones
+
+
 @njit(parallel=True, cache=True)
 def _im2col_packed(xc, c, kh, kw, stride, pad, out):
-    """Packed channels-last (B, H, W, C_words) -> out (B * OH * OW, K_words), K = kh*kw*C.
+    """Packed channels-last (B, H, W, C_words) -> out (B * OH * OW, K_words), K = kh*kw*C."""
+    b, h, w, cw = xc.shape
+    oh = (h + 2 * pad - kh) // stride + 1
+    ow = (w + 2 * pad - kw) // stride + 1
+    ones = _padding_pixel(c, cw)
+    for bo in prange(b * oh):
+        _im2col_row(xc, c, kh, kw, stride, pad, bo, oh, ow, ones, out[bo * ow:(bo + 1) * ow])
+    return out
+
+
+@njit(inline="always")
+def _im2col_row(xc, c, kh, kw, stride, pad, bo, oh, ow, ones, rows):
+    """The (OW, K_words) im2col rows of output row `bo` (= image * OH + y) into `rows`.
 
     Tap t = i * kw + j contributes the pixel's C channel bits at bit offset t * C (all ones
     outside the image: the pad value is +1), so no bit is wasted between taps. The offset
     is the same for every output column, so the inner loop runs over output columns."""
-    b, h, w, cw = xc.shape
-    oh = (h + 2 * pad - kh) // stride + 1
-    ow = (w + 2 * pad - kw) // stride + 1
-    ones = np.full(cw, ALL_ONES)  # the +1 padding pixel
-    ones[cw - 1] = tail_mask(c - 64 * (cw - 1))
-    for bo in prange(b * oh):
-        bi, oy = bo // oh, bo % oh
-        rows = out[bo * ow:(bo + 1) * ow]  # (OW, K_words) of this output row
-        rows[:, :] = 0
-        for i in range(kh):
-            iy = oy * stride + i - pad
-            row_inside = 0 <= iy < h
-            for j in range(kw):
-                for word in range(cw):
-                    pos = (i * kw + j) * c + 64 * word
-                    q, sh = pos // 64, np.uint64(pos % 64)
-                    spill = pos % 64 + min(64, c - 64 * word) > 64  # straddles two words
-                    for ox in range(ow):
-                        ix = ox * stride + j - pad
-                        inside = row_inside and 0 <= ix < w
-                        v = xc[bi, iy, ix, word] if inside else ones[word]
-                        rows[ox, q] |= v << sh
-                        if spill:
-                            rows[ox, q + 1] |= v >> (np.uint64(64) - sh)
-    return out
+    _, h, w, cw = xc.shape
+    bi, oy = bo // oh, bo % oh
+    rows[:, :] = 0
+    for i in range(kh):
+        iy = oy * stride + i - pad
+        row_inside = 0 <= iy < h
+        for j in range(kw):
+            for word in range(cw):
+                pos = (i * kw + j) * c + 64 * word
+                q, sh = pos // 64, np.uint64(pos % 64)
+                spill = pos % 64 + min(64, c - 64 * word) > 64  # straddles two words
+                for ox in range(ow):
+                    ix = ox * stride + j - pad
+                    inside = row_inside and 0 <= ix < w
+                    v = xc[bi, iy, ix, word] if inside else ones[word]
+                    rows[ox, q] |= v << sh
+                    if spill:
+                        rows[ox, q + 1] |= v >> (np.uint64(64) - sh)
 
 
 # ---------------------------------------------------------------------------- GEMM
@@ -162,37 +175,91 @@ def _mismatch_counts(a, w, r0, acc):
                     acc[rr, j] += np.int64(_popc(aq ^ w[q, j]))
 
 
+@njit(inline="always")
+def _store_dots(acc, nrows, k, out, o0):
+    """out[o0 + rr, :M] = K - 2 * mismatches for the block's first `nrows` rows."""
+    for rr in range(nrows):
+        for j in range(out.shape[1]):
+            out[o0 + rr, j] = k - 2 * acc[rr, j]
+
+
+@njit(inline="always")
+def _store_sign_bits(acc, nrows, limit, flip, out, o0):
+    """out[o0 + rr] = packed bits (mismatches[j] <= limit[j]) ^ flip bit j."""
+    m = limit.shape[0]
+    for rr in range(nrows):
+        for q in range(out.shape[1]):
+            base = 64 * q
+            word = np.uint64(0)  # in a register, from a loop starting at 0: vectorises
+            for j in range(min(64, m - base)):
+                word |= np.uint64(acc[rr, base + j] <= limit[base + j]) << np.uint64(j)
+            out[o0 + rr, q] = word ^ flip[q]
+
+
 @njit(parallel=True, cache=True)
 def _gemm(a, w, k, out):
     """out (N, M) int32; w (K_words, >= M): columns past M (padding) are computed, not kept."""
-    n, m = a.shape[0], out.shape[1]
+    n = a.shape[0]
     for blk in prange((n + ROWS - 1) // ROWS):
         r0 = blk * ROWS
         acc = np.empty((ROWS, w.shape[1]), np.int64)
         _mismatch_counts(a, w, r0, acc)
-        for rr in range(min(ROWS, n - r0)):
-            for j in range(m):
-                out[r0 + rr, j] = k - 2 * acc[rr, j]
+        _store_dots(acc, min(ROWS, n - r0), k, out, r0)
     return out
 
 
 @njit(parallel=True, cache=True)
 def _gemm_sign(a, w, limit, flip, out):
     """GEMM + folded BatchNorm/sign on mismatch counts: bit j of an output row =
-    (mismatches[j] <= limit[j]) ^ flip bit j (see `binary_gemm_sign`)."""
-    n, m = a.shape[0], limit.shape[0]  # out (N, M_words); w and limit padded to whole vectors
+    (mismatches[j] <= limit[j]) ^ flip bit j (see `binary_gemm_sign`); out (N, M_words), w and
+    limit padded to whole vectors."""
+    n = a.shape[0]
     for blk in prange((n + ROWS - 1) // ROWS):
         r0 = blk * ROWS
         acc = np.empty((ROWS, w.shape[1]), np.int64)
         _mismatch_counts(a, w, r0, acc)
-        for rr in range(min(ROWS, n - r0)):
-            for q in range(out.shape[1]):
-                base = 64 * q
-                word = np.uint64(0)  # in a register, from a loop starting at 0: vectorises
-                for j in range(min(64, m - base)):
-                    word |= np.uint64(acc[rr, base + j] <= limit[base + j]) << np.uint64(j)
-                out[r0 + rr, q] = word ^ flip[q]
+        _store_sign_bits(acc, min(ROWS, n - r0), limit, flip, out, r0)
     return out
+
+
+@njit(inline="always")
+def _row_group(ow):
+    """Output rows per task of the fused conv: the fewest whose pixels fill whole GEMM blocks
+    of ROWS (OW 28: 1, 14: 2, 7: 4)."""
+    g = 1
+    while (g * ow) % ROWS:
+        g += 1
+    return g
+
+
+@njit(parallel=True, cache=True)
+def _conv(xc, c, kh, kw, stride, pad, w, k, limit, flip, dots, bits):
+    """im2col fused into the GEMM: each task packs the im2col rows of a few output rows into a
+    small buffer (it stays in L1) and multiplies them right away, so the (N, K_words) columns
+    never go through memory. Epilogue: int32 dots into `dots` (N, M) if `bits` is empty, else
+    the folded BN + sign as packed bits into `bits` (N, M_words)."""
+    b, h, wd, cw = xc.shape
+    oh = (h + 2 * pad - kh) // stride + 1
+    ow = (wd + 2 * pad - kw) // stride + 1
+    g = _row_group(ow)
+    ones = _padding_pixel(c, cw)
+    sign = bits.shape[0] > 0
+    for task in prange((b * oh + g - 1) // g):
+        bo0 = task * g
+        nb = min(g, b * oh - bo0)
+        rows = np.empty((nb * ow, w.shape[0]), np.uint64)
+        acc = np.empty((ROWS, w.shape[1]), np.int64)
+        for t in range(nb):
+            _im2col_row(xc, c, kh, kw, stride, pad, bo0 + t, oh, ow, ones,
+                        rows[t * ow:(t + 1) * ow])
+        n = nb * ow
+        for r0 in range(0, n, ROWS):
+            _mismatch_counts(rows, w, r0, acc)
+            if sign:
+                _store_sign_bits(acc, min(ROWS, n - r0), limit, flip, bits, bo0 * ow + r0)
+            else:
+                _store_dots(acc, min(ROWS, n - r0), k, dots, bo0 * ow + r0)
+    return dots, bits
 
 
 @njit(parallel=True, cache=True)
@@ -350,19 +417,47 @@ def mismatch_limits(s: Array, t: Array, k: int) -> tuple[np.ndarray, np.ndarray]
     return padded, flip
 
 
-def _conv_cols(x: Array, w: Array | PackedConvWeight, stride: int,
-               padding: int) -> tuple[np.ndarray, PackedConvWeight, tuple[int, int, int]]:
-    """Packed im2col rows (B * OH * OW, K_words), the packed weight and (B, OH, OW)."""
+def conv_packed(xc: np.ndarray, w: PackedConvWeight, stride: int = 1, padding: int = 0,
+                limits: tuple[np.ndarray, np.ndarray] | None = None,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """Binary conv on packed channels-last input (B, H, W, Cin_words) with im2col fused into
+    the GEMM (`_conv`) -> (B * OH * OW, Cout) int32 dots, or with `limits` (the layer's
+    `mismatch_limits`: folded BN + sign) (B * OH * OW, Cout_words) packed bits."""
+    b, h, wd, cw = xc.shape
+    if cw != n_words(w.in_channels):
+        raise ValueError(f"input has {cw} channel words, weight Cin={w.in_channels}")
+    k = w.kh * w.kw * w.in_channels
+    if w.words.shape[0] != n_words(k):
+        raise ValueError(f"weight has {w.words.shape[0]} words, K={k} needs {n_words(k)}")
+    m = w.words.shape[1]
+    n = b * ((h + 2 * padding - w.kh) // stride + 1) * ((wd + 2 * padding - w.kw) // stride + 1)
+    words = pad_columns(w.words)
+    xc = np.ascontiguousarray(xc)
+    if limits is None:
+        dots = _buffer(out, (n, m), np.int32)
+        _conv(xc, w.in_channels, w.kh, w.kw, stride, padding, words, k, np.zeros(0, np.int32),
+              np.zeros(0, np.uint64), dots, np.zeros((0, 1), np.uint64))
+        return dots
+    limit, flip = limits
+    if len(limit) != words.shape[1] or len(flip) != n_words(m):
+        raise ValueError(f"limits for {len(limit)} channels, flip {len(flip)} words; the weight "
+                         f"has {m} channels")
+    bits = _buffer(out, (n, n_words(m)), np.uint64)
+    _conv(xc, w.in_channels, w.kh, w.kw, stride, padding, words, k, limit, flip,
+          np.zeros((0, m), np.int32), bits)
+    return bits
+
+
+def _conv_input(x: Array, w: Array | PackedConvWeight, stride: int, padding: int
+                ) -> tuple[np.ndarray, PackedConvWeight, tuple[int, int, int]]:
+    """Packed channels-last input, the packed weight and (B, OH, OW)."""
     pw = w if isinstance(w, PackedConvWeight) else pack_conv_weight(w)
     xn = as_numpy(x)
     xc = xn if xn.dtype == np.uint64 else pack_channels(xn)  # (B, H, W, Cin_words)
-    if xc.shape[3] != n_words(pw.in_channels):
-        raise ValueError(f"input has {xc.shape[3]} channel words, weight Cin={pw.in_channels}")
     b, h, wd, _ = xc.shape
     oh = (h + 2 * padding - pw.kh) // stride + 1
     ow = (wd + 2 * padding - pw.kw) // stride + 1
-    cols = im2col_packed(xc, pw.in_channels, pw.kh, pw.kw, stride, padding)
-    return cols, pw, (b, oh, ow)
+    return xc, pw, (b, oh, ow)
 
 
 def binary_conv2d(x: Array, w: Array | PackedConvWeight, stride: int = 1,
@@ -374,8 +469,8 @@ def binary_conv2d(x: Array, w: Array | PackedConvWeight, stride: int = 1,
     w: (Cout, Cin, kh, kw) ±1 or a `PackedConvWeight` (pack once, reuse).
     The result has NCHW shape with channels-last strides (a view of the (B, OH, OW, Cout)
     GEMM output, like torch.channels_last); np.ascontiguousarray makes it NCHW-contiguous."""
-    cols, pw, (b, oh, ow) = _conv_cols(x, w, stride, padding)  # (B*OH*OW, K_words)
-    out = binary_gemm(cols, pw.words, pw.kh * pw.kw * pw.in_channels)  # (B*OH*OW, Cout)
+    xc, pw, (b, oh, ow) = _conv_input(x, w, stride, padding)
+    out = conv_packed(xc, pw, stride, padding)  # (B*OH*OW, Cout)
     return out.reshape(b, oh, ow, -1).transpose(0, 3, 1, 2)  # (B, Cout, OH, OW)
 
 
@@ -383,9 +478,9 @@ def binary_conv2d_sign(x: Array, w: Array | PackedConvWeight, s: Array, t: Array
                        stride: int = 1, padding: int = 0) -> np.ndarray:
     """Binary conv + folded BatchNorm + sign (`reference.fold_bn_sign`) -> packed channels-last
     (B, OH, OW, Cout_words) uint64, bit = (s * acc >= t); the next `binary_conv2d` input."""
-    cols, pw, (b, oh, ow) = _conv_cols(x, w, stride, padding)
-    k = pw.kh * pw.kw * pw.in_channels
-    return binary_gemm_sign(cols, pw.words, k, s, t).reshape(b, oh, ow, -1)
+    xc, pw, (b, oh, ow) = _conv_input(x, w, stride, padding)
+    limits = mismatch_limits(s, t, pw.kh * pw.kw * pw.in_channels)
+    return conv_packed(xc, pw, stride, padding, limits).reshape(b, oh, ow, -1)
 
 
 # ---------------------------------------------------------------------------- float ends
