@@ -3,6 +3,7 @@ summary run per pipeline execution that links the stage runs."""
 
 from bnnprune.cli import run_stage
 from bnnprune.config import load_params
+from bnnprune.registry import register_candidate
 from bnnprune.report import SUMMARY_JSON, load_inputs, log_summary_run, write_report
 from bnnprune.tracking import stage_run
 from bnnprune.train import fingerprint
@@ -14,12 +15,15 @@ def main() -> None:
     with stage_run("report", params, fingerprint(params, inputs)):
         summary = write_report(inputs=inputs)
         links = log_summary_run(summary)
+        registered = register_candidate(summary, SUMMARY_JSON)
     print(f"report: {SUMMARY_JSON}: test_acc {summary['baseline']['test_acc']:.4f} -> "
           f"{summary['pruned']['test_acc']:.4f} ({summary['acc_drop_pt']:+.2f} pt drop), BOPs "
           f"-{summary['reduction']['bops_pct']:.1f}%, speedup {summary['speedup']}; study: "
           f"{len(summary['study']['verdict']['wins_over_all_controls'])} CI-clear wins of a "
           f"flip-derived method over every control; linked stage runs: "
           f"{', '.join(links) or 'none'}")
+    if registered:
+        print(f"report: registered models:/{registered[0]}/{registered[1]} (alias candidate)")
 
 
 if __name__ == "__main__":

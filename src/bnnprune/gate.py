@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,4 +104,22 @@ def run(summary_path: str | Path = "reports/summary.json",
     if passed:
         print(f"PASSED ({len(passed)} of {len(results)}):\n{table(passed)}")
     print(f"\ngate: {'FAILED' if failed else 'OK'} ({summary_path})")
+    if not failed:
+        promote_champion(summary, summary_path)
     return 1 if failed else 0
+
+
+def promote_champion(summary: dict, summary_path: Path) -> None:
+    """The gate passed: move the registry alias `champion` to this summary's model version. The
+    verdict stands when that is impossible (tracking off, store down, nothing registered): a
+    warning says why the alias did not move."""
+    from bnnprune import tracking
+    from bnnprune.registry import RegistryError, promote
+
+    if not tracking.enabled():
+        print("registry: BNNPRUNE_MLFLOW is off; champion alias not moved")
+        return
+    try:
+        print(promote(summary, summary_path))
+    except (RegistryError, tracking.TrackingError) as e:
+        print(f"warning: champion alias not moved: {e}", file=sys.stderr)
