@@ -8,7 +8,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install data repro test lint
+.PHONY: install data postgres mlflow-server mlflow-server-stop repro test lint
 .DEFAULT_GOAL := repro
 
 $(VENV)/.installed: pyproject.toml
@@ -30,10 +30,29 @@ data: install
 	echo "installing Debian package $$pkg"; \
 	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$pkg >/dev/null
 
+# PostgreSQL 15 (Debian package) for the shared MLflow server and its test; installed when missing
+# (as root or with password-less sudo).
+PG_BIN ?= /usr/lib/postgresql/15/bin
+postgres:
+	@test -x $(PG_BIN)/pg_ctl && exit 0; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else echo "PostgreSQL 15 is missing: run 'sudo apt-get install postgresql-15'" >&2; exit 1; fi; \
+	echo "installing Debian package postgresql-15"; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	postgresql-15 >/dev/null
+
+# The shared tracking server (README "Working as a team"): PostgreSQL + `mlflow server` on
+# 127.0.0.1, data in MLFLOW_DATA (default ./mlflow-server), ports MLFLOW_PORT (5000), PG_PORT (5433).
+mlflow-server: install postgres
+	scripts/mlflow_server.sh start
+
+mlflow-server-stop:
+	scripts/mlflow_server.sh stop
+
 repro: install data
 	dvc repro
 
-test: install data
+test: install data postgres
 	pytest
 
 lint: install

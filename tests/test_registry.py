@@ -1,0 +1,72 @@
+"""Model Registry on the shared tiny pipeline (conftest's e2e_project): the report stage registers
+the pruned ONNX model with alias `candidate`; `bnnprune check` moves `champion` to it only when
+the gate passes; `models:/<name>@champion` in onnxruntime gives the reported accuracy."""
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from bnnprune.data import load_prepared, sha256
+from bnnprune.export import run_onnx, session
+from bnnprune.registry import CANDIDATE, CHAMPION, model_name
+
+from conftest import sh
+
+LOOSE = {"min_test_acc": 0.0, "max_acc_drop_pt": 100.0, "min_bops_reduction_pct": 0.0,
+         "min_speedup_cpu": 0.0}
+IMPOSSIBLE = {**LOOSE, "min_test_acc": 1.01}
+
+
+def check(root, env, gate: dict, tmp_path):
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["gate"] = gate
+    path = tmp_path / f"params-{len(list(tmp_path.iterdir()))}.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return sh(["bnnprune", "check", "--params", str(path)], root, env, check=False)
+
+
+def test_report_registers_candidate_and_check_promotes_champion(e2e_project, tmp_path):
+    root, env = e2e_project
+    summary = json.loads((root / "reports/summary.json").read_text())
+    name = model_name(summary)
+    assert name == "bnnprune-synthetic-cnn"
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    candidate = client.get_model_version_by_alias(name, CANDIDATE)
+    tags = candidate.tags
+    assert tags["summary_sha256"] == sha256(root / "reports/summary.json")
+    assert tags["onnx_sha256"] == sha256(root / "models/model.onnx")
+    assert len(tags["git_commit"]) == 40 and len(tags["config_hash"]) == 16
+    assert float(tags["pruned.test_acc"]) == pytest.approx(summary["pruned"]["test_acc"])
+    assert float(tags["reduction.bops_pct"]) == pytest.approx(summary["reduction"]["bops_pct"],
+                                                              rel=1e-5)
+    # the version's model is a logged model of the report stage's (summary) run
+    report_run = client.get_run(candidate.run_id)
+    assert report_run.data.tags["stage"] == "report"
+    assert client.get_logged_model(candidate.model_id).source_run_id == candidate.run_id
+
+    failed = check(root, env, IMPOSSIBLE, tmp_path)
+    assert failed.returncode == 1 and "champion" not in failed.stdout + failed.stderr
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias(name, CHAMPION)
+
+    passed = check(root, env, LOOSE, tmp_path)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert f"champion -> models:/{name}/{candidate.version}" in passed.stdout
+    assert client.get_model_version_by_alias(name, CHAMPION).version == candidate.version
+
+    # a client loads the champion by alias and gets the reported accuracy
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    local = mlflow.artifacts.download_artifacts(f"models:/{name}@{CHAMPION}",
+                                                dst_path=str(tmp_path / "champion"))
+    splits, _ = load_prepared(root / "data/prepared")
+    test = splits["test"]
+    logits = run_onnx(session(f"{local}/model.onnx"), test.images)
+    acc = float((np.asarray(logits).argmax(1) == test.labels.numpy()).mean())
+    export = json.loads((root / "reports/metrics/export.json").read_text())
+    assert acc == export["models"]["pruned"]["parity"]["test_acc_onnx"]
+    mismatches = summary["onnx_parity"]["pruned"]["prediction_mismatches"]
+    assert abs(acc - summary["pruned"]["test_acc"]) <= mismatches / len(test) + 1e-9
