@@ -148,13 +148,19 @@ def budget_allocation(model: BNN, fractions: dict[int, float], budget: float, mi
                       round_to: int) -> dict[int, int]:
     """Per-layer prune fractions scaled to a BOP budget: layer i keeps
     round_keep(C_i * (1 - min(1, s * fractions[i]))), with the smallest s (bisection) whose
-    rounded counts cut BOPs by at least `budget` (a fraction)."""
+    rounded counts cut BOPs by at least `budget` (a fraction). Rounding overshoots in steps of
+    round_to channels, so blocks of round_to channels are then given back, the layer rounded
+    down furthest first, while the budget still holds: methods meet a budget about equally."""
+    def desired(s: float) -> dict[int, float]:
+        return {i: model.specs[i].out * (1 - min(1.0, s * f)) for i, f in fractions.items()}
+
     def keep(s: float) -> dict[int, int]:
-        return {i: round_keep(model.specs[i].out, model.specs[i].out * (1 - min(1.0, s * f)),
-                              min_channels, round_to) for i, f in fractions.items()}
+        return {i: round_keep(model.specs[i].out, d, min_channels, round_to)
+                for i, d in desired(s).items()}
 
     start = model_bops(model, {})
-    reached = lambda s: 1 - model_bops(model, keep(s)) / start >= budget  # noqa: E731
+    meets = lambda k: 1 - model_bops(model, k) / start >= budget  # noqa: E731
+    reached = lambda s: meets(keep(s))  # noqa: E731
     top = 1 / max(min(f for f in fractions.values() if f > 0), 1e-9) if any(
         f > 0 for f in fractions.values()) else 0.0
     if not reached(top):
@@ -166,7 +172,15 @@ def budget_allocation(model: BNN, fractions: dict[int, float], budget: float, mi
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if reached(mid) else (mid, hi)
-    return keep(hi)
+    kept, wish = keep(hi), desired(hi)
+    while True:
+        for i in sorted(kept, key=lambda i: (kept[i] - wish[i], i)):
+            more = {**kept, i: min(model.specs[i].out, kept[i] + round_to)}
+            if more[i] > kept[i] and meets(more):
+                kept = more
+                break
+        else:
+            return kept
 
 
 def global_keep_counts(model: BNN, scores: dict[int, list[tuple[float, float]]], target: float,
