@@ -87,7 +87,7 @@ class StudyConfig:
     methods: list[Literal[METHODS]] = field(  # type: ignore[valid-type]
         default_factory=lambda: ["flip", "latent", "flip_random", "uniform_random"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata=_range(0))
-    recovery_steps: int = field(default=100, metadata=_range(0, 10**7))
+    recovery_steps: int = field(default=60, metadata=_range(0, 10**7))
     batch_size: int = field(default=128, metadata=_range(1, 65536))
     lr: float = field(default=0.001, metadata=_range(0.0, 10.0, True))
     sensitivity_ratio: float = field(default=0.5, metadata=_range(0.0, 1.0, True, True))
