@@ -143,7 +143,7 @@ class _Journal:
         self.calls += 1
 
     def copy(self, path: Path) -> str:
-        dest = self.path.with_suffix("") / f"{self.calls}-{path.name}"
+        dest = self.path.with_suffix("") / str(self.calls) / path.name
         dest.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if path.is_dir() else shutil.copy2)(path, dest)
         return str(dest)
