@@ -220,7 +220,7 @@ def _end_run(status: str) -> None:
     now = int(time.time() * 1000)
     _call(lambda: {"op": "end", "status": status, "end_time": now},
           lambda: mlflow.end_run(status))
-    if mlflow.active_run():  # end_run failed before popping the run: pop it without the server
+    if mlflow.active_run():  # end_run was skipped (tracking already down): pop the run here
         fluent._active_run_stack.get().pop()
 
 
@@ -262,7 +262,7 @@ def stage_run(stage: str, params: Any, config_hash: str) -> Iterator[Any]:
             yield run
     except BaseException as e:
         _end_run("FAILED")
-        if is_outage(e):  # a tracking call the journal does not cover (e.g. log_model)
+        if isinstance(e, MlflowException) and is_outage(e):  # a call not journaled (log_model)
             raise TrackingError(f"MLflow tracking failed in stage {stage!r} "
                                 f"({type(e).__name__}: {e}); outputs written before this "
                                 f"point are kept") from e
