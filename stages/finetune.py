@@ -1,6 +1,9 @@
-"""finetune: retrain the pruned model (its surviving latent weights) with the finetune group."""
+"""finetune: retrain the pruned model (its surviving latent weights) with the finetune group.
+
+With finetune.nproc > 1 it re-runs itself under torchrun (DDP); rank 0 alone tracks and writes."""
 
 import time
+from contextlib import nullcontext
 
 from bnnprune.cli import run_stage
 from bnnprune.config import load_params
@@ -9,7 +12,7 @@ from bnnprune.files import save_csv, save_json
 from bnnprune.models import load_checkpoint, save_checkpoint
 from bnnprune.prune import finetune
 from bnnprune.tracking import log_artifacts, log_metrics, stage_run
-from bnnprune.train import fingerprint, finish_resume
+from bnnprune.train import fingerprint, finish_distributed, finish_resume, init_distributed, launch
 
 PRUNED, OUT = "models/pruned.pt", "models/finetuned.pt"
 METRICS, PLOT = "reports/metrics/finetune.json", "reports/plots/finetune_history.csv"
@@ -19,15 +22,21 @@ RESUME = ".bnnprune/resume/finetune.pt"
 def main() -> None:
     params = load_params()
     cfg = params.finetune
+    launch(cfg.nproc, __file__, "finetune")
+    rank = init_distributed(cfg)
     model, ckpt = load_checkpoint(PRUNED, arch=params.model.arch)
     splits, card = load_prepared("data/prepared")
     pruned = ckpt["meta"]["prune"]
     groups = {"finetune": cfg}
-    with stage_run("finetune", groups, fingerprint(groups, ckpt["config"], pruned)):
+    key = fingerprint(groups, ckpt["config"], pruned)
+    with stage_run("finetune", groups, key) if rank == 0 else nullcontext():
         start = time.perf_counter()
         result, metrics = finetune(model, splits, card, cfg, pruned["baseline_test_acc"],
                                    RESUME, desc="finetune")
         seconds = time.perf_counter() - start
+        finish_distributed()
+        if rank != 0:
+            return
         metrics = {"criterion": pruned["criterion"], **metrics,
                    "bops_reduction_pct": pruned["total"]["bops_reduction_pct"],
                    "ops_reduction_pct": pruned["total"]["ops_reduction_pct"],

@@ -1,6 +1,9 @@
-"""train: train the baseline BNN, logging per-weight sign flips over the last epochs."""
+"""train: train the baseline BNN, logging per-weight sign flips over the last epochs.
+
+With train.nproc > 1 it re-runs itself under torchrun (DDP); rank 0 alone tracks and writes."""
 
 import time
+from contextlib import nullcontext
 
 from bnnprune.cli import run_stage
 from bnnprune.config import load_params
@@ -8,7 +11,15 @@ from bnnprune.data import load_prepared
 from bnnprune.files import save_csv, save_json, save_torch
 from bnnprune.models import build_model, model_config, save_checkpoint
 from bnnprune.tracking import log_artifacts, log_metrics, stage_run
-from bnnprune.train import evaluate, fingerprint, finish_resume, fit
+from bnnprune.train import (
+    evaluate,
+    fingerprint,
+    finish_distributed,
+    finish_resume,
+    fit,
+    init_distributed,
+    launch,
+)
 
 RESUME = ".bnnprune/resume/train.pt"
 
@@ -17,13 +28,19 @@ def main() -> None:
     params = load_params()
     splits, card = load_prepared("data/prepared")
     cfg = params.train
+    launch(cfg.nproc, __file__, "train")
+    rank = init_distributed(cfg)
     groups = {"data": params.data, "model": params.model, "train": cfg}
-    with stage_run("train", groups, fingerprint(groups, card["sources"])):
+    key = fingerprint(groups, card["sources"])
+    with stage_run("train", groups, key) if rank == 0 else nullcontext():
         model = build_model(model_config(params.model.arch, params.model.width, card["shape"],
                                          card["num_classes"]), seed=cfg.seed)
         start = time.perf_counter()
         result = fit(model, splits["train"], splits["val"], card, cfg, RESUME)
         seconds = time.perf_counter() - start
+        finish_distributed()
+        if rank != 0:
+            return
         val, test = (evaluate(model, splits[k], card) for k in ("val", "test"))
         metrics = {"val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
                    "test_loss": test["loss"], "flip_observations": result.flips.observations}

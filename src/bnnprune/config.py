@@ -60,6 +60,9 @@ class TrainConfig:
     # flips are counted apart from the window's (prune.interval: tail)
     tail_epochs: int = field(default=0, metadata=_range(0, 10000))
     tail_lr: float = field(default=0.00025, metadata=_range(0.0, 10.0, True))
+    # processes: > 1 runs the stage under torchrun with DistributedDataParallel (batch_size
+    # stays the global batch; it must be a multiple of nproc)
+    nproc: int = field(default=1, metadata=_range(1, 1024))
 
 
 @dataclass(frozen=True)
