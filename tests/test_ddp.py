@@ -35,7 +35,7 @@ def process_tree(pid: int) -> list[int]:
 
 def test_torchrun_two_processes_train_resume_after_kill(tmp_path):
     root, env = copy_project(tmp_path / "repo",
-                             data={"subset": {"train": 1200, "val": 50, "test": 50}},
+                             data={"subset": {"train": 640, "val": 50, "test": 50}},
                              train={"epochs": EPOCHS, "nproc": 2, "batch_size": 32})
     env = {**env, "PYTHONPATH": "src"}
     sh([PY, "stages/prepare.py"], root, {**env, "BNNPRUNE_MLFLOW": "off"})

@@ -70,4 +70,5 @@ def test_report_registers_candidate_and_check_promotes_champion(e2e_project, tmp
     export = json.loads((root / "reports/metrics/export.json").read_text())
     assert acc == export["models"]["pruned"]["parity"]["test_acc_onnx"]
     mismatches = summary["onnx_parity"]["pruned"]["prediction_mismatches"]
-    assert abs(acc - summary["pruned"]["test_acc"]) <= mismatches / len(test) + 1e-9
+    # torch's accuracy is a float32 mean: equal up to its rounding and the parity mismatches
+    assert abs(acc - summary["pruned"]["test_acc"]) <= mismatches / len(test) + 1e-6
