@@ -166,6 +166,10 @@ def test_findings_claim_a_win_only_when_the_ci_excludes_zero():
              "latent": [0.87, 0.88, 0.885]}
     s = summarize(cells(clear), methods, [0.5], 0.9)
     assert s["verdict"]["wins_over_all_controls"] == [{"method": "flip", "budget": 0.5}]
+    worse = summarize(cells({"flip": clear["latent"], "latent": clear["flip"]}), ["flip", "latent"],
+                      [0.5], 0.9)
+    text = "\n".join(findings_md(worse, None, "test"))
+    assert "**latent higher** by +3.33 pt (95% CI +0.46 to +6.21 for latent - flip)" in text
     # identical differences at every seed (deterministic surgery) give no winner
     same = {"flip": [0.5, 0.5, 0.5], "flip_random": [0.4, 0.4, 0.4], "latent": [0.3] * 3}
     s = summarize(cells(clear, same), methods, [0.5], 0.9)

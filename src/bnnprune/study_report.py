@@ -115,8 +115,9 @@ def _diff_text(d: dict[str, Any]) -> str:
                 f"spread over seeds to test against")
     if d["verdict"] == "a":
         return f"**{d['a']} higher** by {d['mean_pt']:+.2f} pt ({interval})"
-    if d["verdict"] == "b":
-        return f"**{d['b']} higher** by {-d['mean_pt']:+.2f} pt ({interval})"
+    if d["verdict"] == "b":  # b - a: the difference and its CI with the sign turned
+        return (f"**{d['b']} higher** by {-d['mean_pt']:+.2f} pt (95% CI {-d['hi_pt']:+.2f} to "
+                f"{-d['lo_pt']:+.2f} for {d['b']} - {d['a']})")
     return f"no difference measured ({d['mean_pt']:+.2f} pt, {interval})"
 
 
