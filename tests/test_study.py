@@ -169,7 +169,8 @@ def test_findings_claim_a_win_only_when_the_ci_excludes_zero():
     worse = summarize(cells({"flip": clear["latent"], "latent": clear["flip"]}), ["flip", "latent"],
                       [0.5], 0.9)
     text = "\n".join(findings_md(worse, None, "test"))
-    assert "**latent higher** by +3.33 pt (95% CI +0.46 to +6.21 for latent - flip)" in text
+    # latent - flip = 3, 3, 3.5 pt: mean 3.17, t(2) 4.303 * sd 0.289 / sqrt(3) = 0.72
+    assert "**latent higher** by +3.17 pt (95% CI +2.45 to +3.88 for latent - flip)" in text
     # identical differences at every seed (deterministic surgery) give no winner
     same = {"flip": [0.5, 0.5, 0.5], "flip_random": [0.4, 0.4, 0.4], "latent": [0.3] * 3}
     s = summarize(cells(clear, same), methods, [0.5], 0.9)
