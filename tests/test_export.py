@@ -111,6 +111,17 @@ def test_sign_threshold_ties_are_detected(test_split):
     assert export.near_threshold(model, CARD, test_split.images).all()
 
 
+def test_sign_threshold_ties_are_flagged_per_image_across_batches(test_split):
+    model = trained_like(PRUNED_CHANNELS)
+    images = test_split.images
+    with torch.no_grad():  # ties on the stem's BN output only where a channel's pixel is 0
+        model.blocks[0].bn.bias.zero_()
+        model.blocks[0].bn.running_mean.zero_()
+    whole = export.near_threshold(model, CARD, images, batch_size=len(images))
+    assert len(whole) == len(images) and 0 < whole.sum() <= len(images)
+    np.testing.assert_array_equal(export.near_threshold(model, CARD, images, batch_size=7), whole)
+
+
 def _renamed_input(src: Path, dst: Path) -> Path:
     model = onnx.load(str(src))
     old = model.graph.input[0].name

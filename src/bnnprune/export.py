@@ -227,18 +227,22 @@ def run_torch(model: BNN, card: dict, images: torch.Tensor, batch_size: int = 50
 
 
 @torch.no_grad()
-def near_threshold(model: BNN, card: dict, images: torch.Tensor, eps: float = 1e-5) -> np.ndarray:
+def near_threshold(model: BNN, card: dict, images: torch.Tensor, eps: float = 1e-5,
+                   batch_size: int = 500) -> np.ndarray:
     """Per image: does any binary layer see an input within `eps` of its sign threshold (0)?
     There float32 rounding order (torch vs onnxruntime kernels) decides the sign, so a logit
     difference on such an image is a tie, not an export bug."""
     found = torch.zeros(len(images), dtype=torch.bool)
+    start = [0]  # first image of the batch being run
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        found.logical_or_(inputs[0].abs().flatten(1).min(1).values < eps)
+        near = inputs[0].abs().flatten(1).min(1).values < eps  # (batch,)
+        found[start[0]:start[0] + len(near)] |= near
 
     handles = [m.register_forward_hook(hook) for m in binary_layers(model).values()]
     try:
-        run_torch(model, card, images)
+        for start[0] in range(0, len(images), batch_size):
+            run_torch(model, card, images[start[0]:start[0] + batch_size], batch_size)
     finally:
         for h in handles:
             h.remove()
@@ -247,26 +251,28 @@ def near_threshold(model: BNN, card: dict, images: torch.Tensor, eps: float = 1e
 
 def parity(model: BNN, sess: ort.InferenceSession, split: Split, card: dict,
            tolerance: float, max_outlier_fraction: float = 0.0) -> dict[str, Any]:
-    """onnxruntime vs torch on a whole split. Passes when every prediction is identical and
-    every image's logits are within `tolerance`, except at most `max_outlier_fraction` of the
-    images, each of which must have a binary input on the sign threshold (see near_threshold)."""
+    """onnxruntime vs torch on a whole split. Passes when every image's prediction is identical
+    and its logits are within `tolerance`, except on at most `max_outlier_fraction` of the
+    images, each of which must have a binary input on the sign threshold (see near_threshold):
+    there the exact value is a tie that float rounding order settles either way."""
     ref = run_torch(model, card, split.images)
     got = run_onnx(sess, split.images)
     labels = split.labels.numpy()
-    mismatches = int((ref.argmax(1) != got.argmax(1)).sum())
+    differ = ref.argmax(1) != got.argmax(1)  # (N,)
     per_image = np.abs(ref - got).max(1)  # (N,)
-    outliers = np.flatnonzero(per_image > tolerance)
+    outliers = np.flatnonzero((per_image > tolerance) | differ)
     ties = near_threshold(model, card, split.images[torch.from_numpy(outliers)]) \
         if len(outliers) else np.zeros(0, dtype=bool)
     unexplained = int((~ties).sum())
-    return {"images": len(split), "prediction_mismatches": mismatches,
+    return {"images": len(split), "prediction_mismatches": int(differ.sum()),
+            "prediction_mismatches_at_sign_threshold": int((ties & differ[outliers]).sum()),
             "max_abs_logit_diff": float(per_image.max()),
             "p999_abs_logit_diff": float(np.quantile(per_image, 0.999)),
-            "tolerance": tolerance, "images_over_tolerance": len(outliers),
+            "tolerance": tolerance, "max_outlier_fraction": max_outlier_fraction,
+            "images_over_tolerance": len(outliers),
             "images_over_tolerance_at_sign_threshold": int(ties.sum()),
             "outlier_images": outliers[:20].tolist(),
-            "passed": (mismatches == 0 and unexplained == 0
-                       and len(outliers) <= max_outlier_fraction * len(split)),
+            "passed": unexplained == 0 and len(outliers) <= max_outlier_fraction * len(split),
             "test_acc_torch": float((ref.argmax(1) == labels).mean()),
             "test_acc_onnx": float((got.argmax(1) == labels).mean())}
 
@@ -353,8 +359,9 @@ def require_parity(result: dict[str, Any]) -> None:
               if not m["parity"]["passed"]}
     if failed:
         lines = [f"{name}: {p['prediction_mismatches']} of {p['images']} predictions differ; "
-                 f"{p['images_over_tolerance']} images have a logit off by more than "
-                 f"{p['tolerance']} (max {p['max_abs_logit_diff']:.3g}), "
+                 f"{p['images_over_tolerance']} images differ (a prediction, or a logit by more "
+                 f"than {p['tolerance']}; max {p['max_abs_logit_diff']:.3g}), "
                  f"{p['images_over_tolerance_at_sign_threshold']} of them explained by a binary "
-                 f"input on the sign threshold" for name, p in failed.items()]
+                 f"input on the sign threshold (allowed: all of them, on at most "
+                 f"{p['max_outlier_fraction']:.0%} of the images)" for name, p in failed.items()]
         raise ExportError("onnxruntime does not match torch: " + "; ".join(lines))
