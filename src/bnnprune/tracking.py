@@ -60,7 +60,7 @@ JOURNAL_DIR = ".bnnprune/journal"  # under the project root
 
 # The naming rule for metric names (see the module docstring): snake_case segments joined by "/",
 # and no unit spelled "seconds"/"secs" or a segment ending in a bare "size" (say `_bytes`/`_bits`).
-METRIC_NAME = re.compile(r"(?!.*(?:^|[/_])(?:seconds|secs?|size)(?:$|/))"
+METRIC_NAME = re.compile(r"(?!.*(?:^|[/_])(?:seconds|secs?)(?:$|[/_]))(?!.*(?:^|[/_])size(?:$|/))"
                          r"[a-z][a-z0-9_]*(?:/[a-z0-9][a-z0-9_]*)*")
 
 # Metric names still logged by code whose edit would re-run the criteria study's 36 cells:
