@@ -131,7 +131,7 @@ def test_dvc_metrics_file_is_a_few_numeric_headline_metrics(workspace, summary):
     assert list(metrics)[:3] == ["test_acc", "acc_drop_pt", "bops_reduction_pct"]
     assert metrics["speedup_cpu_b64"] == 1.6 and "speedup_ort_b8" in metrics
     assert metrics["test_acc"] == pytest.approx(summary["pruned"]["test_acc"])
-    assert len(metrics) <= 8
+    assert len(metrics) <= 6  # `dvc metrics show` fits 120 columns
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool)
                for v in metrics.values())
     assert all(METRIC_NAME.fullmatch(k) for k in report.headline_metrics(summary))
