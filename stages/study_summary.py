@@ -55,7 +55,7 @@ def main() -> None:
         write_atomic(MD, lambda p: p.write_text("\n".join(lines) + "\n"))
         pareto_plot(summary, PLOT)
         save_csv(CSV, plot_rows(summary))
-        log_metrics({f"test_acc/{m}/{b}": r["after"]["mean"]
+        log_metrics({f"test_acc/{m}/budget_{100 * float(b):.0f}_pct": r["after"]["mean"]
                      for m, rows in summary["methods"].items() for b, r in rows.items()})
         log_artifacts(METRICS, MD, PLOT, CSV)
     print("\n".join(lines))
