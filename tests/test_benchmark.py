@@ -40,6 +40,9 @@ def test_schema_and_positive_numbers(result):
     assert result["config"]["batch_size"] == 8
     # the keys report.py / gate.py read
     assert result["backends"]["cpu"]["speedup"] == result["speedup"]["packed_cpu"]
+    m = result["models"]
+    assert result["backends"]["cpu"]["speedup_of_min_ms"] == pytest.approx(
+        m["baseline"]["packed_cpu"]["latency_ms_min"] / m["pruned"]["packed_cpu"]["latency_ms_min"])
     assert result["backends"]["torch"]["baseline_ms"] > 0
     assert {"speedup", "packed_ms", "float_ms"} <= set(result["bnn_vs_float"])
     rows = benchmark.latency_rows(result)

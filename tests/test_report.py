@@ -22,9 +22,10 @@ BASE_CH, PRUNED_CH = [8, 8, 16, 16, 32, 32], [8, 6, 12, 10, 20, 32]
 ACC = {"flip": 0.885, "latent": 0.893}
 BENCHMARK = {
     "backends": {
-        "cpu": {"baseline_ms": 10.0, "pruned_ms": 6.25, "speedup": 1.6},
+        "cpu": {"baseline_ms": 10.0, "pruned_ms": 6.25, "speedup": 1.6, "speedup_of_min_ms": 1.5},
         "triton": {"speedup": None, "reason": "no CUDA GPU (interpreter timing is not a speed)"},
-        "torch": {"baseline_ms": 30.0, "pruned_ms": 24.0, "speedup": 1.25},
+        "torch": {"baseline_ms": 30.0, "pruned_ms": 24.0, "speedup": 1.25,
+                  "speedup_of_min_ms": 1.2},
     },
     "bnn_vs_float": {"speedup": 4.8, "packed_ms": 6.25, "float_ms": 30.0},
     "prediction_mismatches": {"baseline": {"mismatches": 0}, "pruned": {"mismatches": 3}},
@@ -110,6 +111,7 @@ def test_summary_schema_and_numbers(workspace, summary):
     assert 0 < summary["reduction"]["size_pct"] < 100
     assert summary["acc_drop_pt"] == pytest.approx(1.5)  # points, not a fraction
     assert summary["speedup"]["cpu"] == 1.6 and summary["speedup"]["triton"] is None
+    assert summary["speedup_of_min_ms"] == {"cpu": 1.5, "triton": None, "torch": 1.2}
     assert "CUDA" in summary["speedup_unavailable"]["triton"]
     export = json.loads((workspace / "reports/metrics/export.json").read_text())
     assert summary["speedup"]["onnxruntime"] == export["speedup"]["batch_8"]
