@@ -1,10 +1,17 @@
 """export: baseline and pruned fine-tuned model -> ONNX; parity with torch and latency in
-onnxruntime on the test set; the pruned model is logged to MLflow."""
+onnxruntime on the test set; both models are logged to MLflow (baseline_bnn_onnx,
+pruned_bnn_onnx), once parity passed."""
 
 from bnnprune.cli import run_stage
-from bnnprune.config import flat_dict, load_params
+from bnnprune.config import load_params
 from bnnprune.data import load_prepared, sha256
-from bnnprune.export import export_and_check, log_onnx_model, require_parity
+from bnnprune.export import (
+    ONNX_MODEL_NAMES,
+    export_and_check,
+    export_metrics,
+    log_onnx_model,
+    require_parity,
+)
 from bnnprune.files import save_json
 from bnnprune.models import load_checkpoint
 from bnnprune.tracking import log_artifacts, log_metrics, stage_run
@@ -24,11 +31,11 @@ def main() -> None:
     with stage_run("export", {"export": cfg}, key):
         result = export_and_check(loaded, splits["test"], card, cfg)
         save_json(OUT, result)
-        log_metrics({k.removeprefix("models."): v for k, v in flat_dict(result).items()
-                     if isinstance(v, (int, float))})
+        log_metrics(export_metrics(result))
         log_artifacts(OUT)
-        log_onnx_model(MODELS["pruned"][1], card, name="model")
         require_parity(result)
+        for name, (_, onnx_path) in MODELS.items():  # the report stage registers the pruned one
+            log_onnx_model(onnx_path, card, ONNX_MODEL_NAMES[name], splits["test"].images)
     for name, m in result["models"].items():
         p = m["parity"]
         print(f"export {name}: {m['path']} {m['size_bytes']} bytes; parity on {p['images']} "

@@ -6,7 +6,7 @@ import time
 from contextlib import nullcontext
 
 from bnnprune.cli import run_stage
-from bnnprune.config import load_params
+from bnnprune.config import as_dict, load_params
 from bnnprune.data import load_prepared
 from bnnprune.files import save_csv, save_json
 from bnnprune.models import load_checkpoint, save_checkpoint
@@ -27,9 +27,11 @@ def main() -> None:
     model, ckpt = load_checkpoint(PRUNED, arch=params.model.arch)
     splits, card = load_prepared("data/prepared")
     pruned = ckpt["meta"]["prune"]
-    groups = {"finetune": cfg}
-    key = fingerprint(groups, ckpt["config"], pruned)
-    with stage_run("finetune", groups, key) if rank == 0 else nullcontext():
+    key = fingerprint({"finetune": cfg}, ckpt["config"], pruned)
+    # the run records the prune settings of the model it fine-tunes, as well as its own
+    ran = {"finetune": cfg, "prune": {**as_dict(params.prune), "criterion": pruned["criterion"],
+                                      "tau": pruned["tau"]}}
+    with stage_run("finetune", ran, key) if rank == 0 else nullcontext():
         start = time.perf_counter()
         result, metrics = finetune(model, splits, card, cfg, pruned["baseline_test_acc"],
                                    RESUME, desc="finetune")
@@ -46,8 +48,15 @@ def main() -> None:
                         baseline=ckpt["meta"].get("baseline", {}))
         save_json(METRICS, metrics)
         save_csv(PLOT, result.history)
-        log_metrics({**{k: v for k, v in metrics.items() if k != "criterion"},
-                     "finetune_seconds": seconds, "resumed_from_epoch": result.resumed_from_epoch})
+        log_metrics({"final/val_acc": metrics["val_acc"], "test_acc": metrics["test_acc"],
+                     "test_loss": metrics["test_loss"],
+                     "test_acc_before_finetune": metrics["test_acc_before_finetune"],
+                     "baseline_test_acc": metrics["baseline_test_acc"],
+                     "acc_drop_pt": metrics["acc_drop_pt"],
+                     "bops_reduction_pct": metrics["bops_reduction_pct"],
+                     "ops_reduction_pct": metrics["ops_reduction_pct"],
+                     "model_size_reduction_pct": metrics["size_reduction_pct"],
+                     "wall_time_s": seconds, "resumed_from_epoch": result.resumed_from_epoch})
         log_artifacts(METRICS, PLOT)
         finish_resume(RESUME)
     print(f"finetune: test_acc {metrics['test_acc']:.4f} (baseline "

@@ -17,7 +17,7 @@ from bnnprune.prune import (
     retrain_config,
     run_pruning,
 )
-from bnnprune.tracking import log_artifacts, log_metrics, stage_run
+from bnnprune.tracking import layer_segment, log_artifacts, log_metrics, stage_run
 from bnnprune.train import fingerprint, finish_resume, fit
 
 BASELINE, FLIPS, OUT = "models/baseline.pt", "models/flips.pt", "models/pruned.pt"
@@ -60,10 +60,14 @@ def main() -> None:
         save_checkpoint(OUT, model, prune=metrics, rounds=rounds, baseline=baseline_metrics)
         save_json(METRICS, metrics)
         save_csv(PLOT, channel_rows(report))
-        log_metrics({"prune_seconds": seconds, "val_acc": metrics["val_acc"],
+        total = report["total"]
+        log_metrics({"wall_time_s": seconds, "final/val_acc": metrics["val_acc"],
                      "test_acc": metrics["test_acc"],
-                     **{k: v for k, v in report["total"].items()},
-                     **{f"p/{name}": r["p"] for name, r in report["layers"].items()}})
+                     **{k.replace("size_bits", "model_size_bits"): v for k, v in total.items()
+                        if k != "size_bits_reduction_pct"},
+                     "model_size_reduction_pct": total["size_bits_reduction_pct"],
+                     **{f"p/{layer_segment(name)}": r["p"]
+                        for name, r in report["layers"].items()}})
         log_artifacts(METRICS, PLOT)
         for path in resumes:
             finish_resume(path)

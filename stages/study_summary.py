@@ -1,5 +1,6 @@
 """study_summary: the study's table, paired differences, hypothesis tables, findings and
-Pareto plot, from the cells of study.methods x study.budgets x study.seeds."""
+Pareto plot, from the cells of study.methods x study.budgets x study.seeds and of the scratch
+control at study.scratch_budgets x study.seeds."""
 
 import mlflow
 
@@ -28,9 +29,12 @@ def main() -> None:
     params = load_params()
     study = params.study
     _, ckpt = load_checkpoint("models/baseline.pt", arch=params.model.arch)
-    cells = load_cells(".", study.methods, study.budgets, study.seeds)
+    cells = (load_cells(".", study.methods, study.budgets, study.seeds)
+             + load_cells(".", ["scratch"], study.scratch_budgets, study.seeds))
+    methods = study.methods + (["scratch"] if study.scratch_budgets else [])
+    budgets = sorted({*study.budgets, *study.scratch_budgets})
     hypothesis = load_json(HYPOTHESIS)
-    summary = summarize(cells, study.methods, study.budgets, ckpt["meta"]["metrics"]["test_acc"])
+    summary = summarize(cells, methods, budgets, ckpt["meta"]["metrics"]["test_acc"])
     card = load_json("data/prepared/card.json")
     setting = (f"{params.model.arch} (width {params.model.width:g}) on {card['dataset']}, one "
                f"baseline (train.seed {params.train.seed}, test acc "
@@ -51,7 +55,7 @@ def main() -> None:
         write_atomic(MD, lambda p: p.write_text("\n".join(lines) + "\n"))
         pareto_plot(summary, PLOT)
         save_csv(CSV, plot_rows(summary))
-        log_metrics({f"test_acc/{m}/{b}": r["after"]["mean"]
+        log_metrics({f"test_acc/{m}/budget_{100 * float(b):.0f}_pct": r["after"]["mean"]
                      for m, rows in summary["methods"].items() for b, r in rows.items()})
         log_artifacts(METRICS, MD, PLOT, CSV)
     print("\n".join(lines))

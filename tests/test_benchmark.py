@@ -4,7 +4,7 @@ triton_cuda bookkeeping with a stand-in engine (no GPU here)."""
 import pytest
 import torch
 
-from bnnprune import benchmark
+from bnnprune import benchmark, tracking
 from bnnprune.models import build_model, model_config
 
 
@@ -40,11 +40,16 @@ def test_schema_and_positive_numbers(result):
     assert result["config"]["batch_size"] == 8
     # the keys report.py / gate.py read
     assert result["backends"]["cpu"]["speedup"] == result["speedup"]["packed_cpu"]
+    m = result["models"]
+    assert result["backends"]["cpu"]["speedup_of_min_ms"] == pytest.approx(
+        m["baseline"]["packed_cpu"]["latency_ms_min"] / m["pruned"]["packed_cpu"]["latency_ms_min"])
     assert result["backends"]["torch"]["baseline_ms"] > 0
     assert {"speedup", "packed_ms", "float_ms"} <= set(result["bnn_vs_float"])
     rows = benchmark.latency_rows(result)
     assert len(rows) == 4 and all(r["latency_ms_median"] > 0 for r in rows)
-    assert all(isinstance(v, (int, float)) for v in benchmark.flat_metrics(result).values())
+    flat = benchmark.flat_metrics(result)
+    assert all(isinstance(v, (int, float)) for v in flat.values())
+    assert all(tracking.METRIC_NAME.fullmatch(k) for k in flat), flat
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -119,8 +124,9 @@ def test_triton_backend_wiring(monkeypatch):
     assert "triton_cuda" in res["speedup_vs_ops_ratio"]
     assert len(benchmark.latency_rows(res)) == 6
     flat = benchmark.flat_metrics(res)
-    assert {"speedup_triton_cuda", "pruned_triton_cuda_latency_ms",
-            "pruned_triton_cuda_prediction_mismatches"} <= set(flat)
+    b = res["config"]["batch_size"]
+    assert {f"speedup/triton_cuda_b{b}", f"pruned/triton_cuda/latency_ms_b{b}",
+            "pruned/triton_cuda/prediction_mismatches"} <= set(flat)
 
 
 def test_predicted_speedup_on_hand_numbers():

@@ -196,9 +196,14 @@ def test_logged_mlflow_model_has_signature_and_runs(pruned, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)  # the default experiment's artifacts go to ./mlruns
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
-        with mlflow.start_run() as run:
-            export.log_onnx_model(path, CARD)
-        loaded = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+        images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+        with mlflow.start_run():
+            info = export.log_onnx_model(path, CARD, "pruned_bnn_onnx", images)
+        assert info.name == "pruned_bnn_onnx"
+        loaded = mlflow.pyfunc.load_model(info.model_uri)
+        example = mlflow.models.Model.load(info.model_uri).load_input_example()
+        np.testing.assert_array_equal(example["images"],
+                                      export.pixels(images[:export.EXAMPLE_IMAGES]).numpy())
         sig = loaded.metadata.signature
         assert sig.inputs.input_names() == ["images"] and sig.outputs.input_names() == ["logits"]
         out = loaded.predict({"images": np.zeros((3, 1, 28, 28), np.float32)})

@@ -15,7 +15,8 @@ GOOD = {
     "pruned": {"test_acc": 0.90},
     "reduction": {"bops_pct": 35.0, "ops_pct": 20.0, "size_pct": 30.0},
     "acc_drop_pt": 1.0,
-    "speedup": {"cpu": 1.4, "triton": None, "onnxruntime": 1.2},
+    "speedup": {"cpu": 1.3, "triton": None, "onnxruntime": 1.2},
+    "speedup_of_min_ms": {"cpu": 1.4, "triton": None},
     "speedup_unavailable": {"triton": "no CUDA GPU"},
 }
 THRESHOLDS = {"min_test_acc": 0.85, "max_acc_drop_pt": 2.0, "min_bops_reduction_pct": 20.0,
@@ -63,6 +64,13 @@ def test_thresholds_come_from_the_params_file(files):
     assert check(files, GOOD, {**THRESHOLDS, "min_speedup_cpu": 1.4}) == 0  # bounds inclusive
 
 
+def test_speedup_is_judged_on_minimum_latencies_not_medians(files):
+    noisy = {**GOOD, "speedup": {**GOOD["speedup"], "cpu": 0.19}}  # medians under other jobs
+    assert check(files, noisy) == 0
+    slower = {**GOOD, "speedup_of_min_ms": {"cpu": 0.9, "triton": None}}
+    assert check(files, slower) == 1
+
+
 def test_gate_defaults_apply_to_unset_thresholds(files):
     results = gate.evaluate(GOOD, GateConfig())
     assert [r.threshold for r in results] == [0.85, 2.0, 20.0, 1.05]
@@ -71,7 +79,7 @@ def test_gate_defaults_apply_to_unset_thresholds(files):
 
 def test_backend_that_did_not_run_fails_with_its_reason(files, capsys):
     missing = copy.deepcopy(GOOD)
-    missing["speedup"]["cpu"] = None
+    missing["speedup"]["cpu"] = missing["speedup_of_min_ms"]["cpu"] = None
     missing["speedup_unavailable"]["cpu"] = "numba not installed"
     assert check(files, missing) == 1
     assert "not measured: numba not installed" in capsys.readouterr().out

@@ -47,3 +47,10 @@ def test_checkpoint_roundtrip_rebuilds_from_file_alone(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a bnnprune checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_a_checkpoint_saved_twice_is_byte_identical(tmp_path):
+    """DVC hashes checkpoints: the same model saved again (re-run stage) must not change them."""
+    model = build_model(model_config("cnn", 0.25, [1, 28, 28], 10), seed=0)
+    first = save_checkpoint(tmp_path / "a" / "baseline.pt", model).read_bytes()
+    assert save_checkpoint(tmp_path / "b" / "baseline.pt", model).read_bytes() == first

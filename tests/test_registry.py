@@ -43,11 +43,10 @@ def test_report_registers_candidate_and_check_promotes_champion(e2e_project, tmp
     assert float(tags["pruned.test_acc"]) == pytest.approx(summary["pruned"]["test_acc"])
     assert float(tags["reduction.bops_pct"]) == pytest.approx(summary["reduction"]["bops_pct"],
                                                               rel=1e-5)
-    # the version's model is a logged model of the report stage's (summary) run
-    report_run = client.get_run(candidate.run_id)
-    assert report_run.data.tags["stage"] == "report"
-    model_id = candidate.source.removeprefix("models:/")
-    assert client.get_logged_model(model_id).source_run_id == candidate.run_id
+    # the version's model is the one the export stage logged (not logged a second time)
+    logged = client.get_logged_model(candidate.source.removeprefix("models:/"))
+    assert logged.name == "pruned_bnn_onnx" and logged.tags["onnx_sha256"] == tags["onnx_sha256"]
+    assert client.get_run(logged.source_run_id).data.tags["stage"] == "export"
 
     failed = check(root, env, IMPOSSIBLE, tmp_path)
     assert failed.returncode == 1 and "champion" not in failed.stdout + failed.stderr

@@ -22,9 +22,10 @@ BASE_CH, PRUNED_CH = [8, 8, 16, 16, 32, 32], [8, 6, 12, 10, 20, 32]
 ACC = {"flip": 0.885, "latent": 0.893}
 BENCHMARK = {
     "backends": {
-        "cpu": {"baseline_ms": 10.0, "pruned_ms": 6.25, "speedup": 1.6},
+        "cpu": {"baseline_ms": 10.0, "pruned_ms": 6.25, "speedup": 1.6, "speedup_of_min_ms": 1.5},
         "triton": {"speedup": None, "reason": "no CUDA GPU (interpreter timing is not a speed)"},
-        "torch": {"baseline_ms": 30.0, "pruned_ms": 24.0, "speedup": 1.25},
+        "torch": {"baseline_ms": 30.0, "pruned_ms": 24.0, "speedup": 1.25,
+                  "speedup_of_min_ms": 1.2},
     },
     "bnn_vs_float": {"speedup": 4.8, "packed_ms": 6.25, "float_ms": 30.0},
     "prediction_mismatches": {"baseline": {"mismatches": 0}, "pruned": {"mismatches": 3}},
@@ -110,14 +111,32 @@ def test_summary_schema_and_numbers(workspace, summary):
     assert 0 < summary["reduction"]["size_pct"] < 100
     assert summary["acc_drop_pt"] == pytest.approx(1.5)  # points, not a fraction
     assert summary["speedup"]["cpu"] == 1.6 and summary["speedup"]["triton"] is None
+    assert summary["speedup_of_min_ms"] == {"cpu": 1.5, "triton": None, "torch": 1.2}
     assert "CUDA" in summary["speedup_unavailable"]["triton"]
     export = json.loads((workspace / "reports/metrics/export.json").read_text())
     assert summary["speedup"]["onnxruntime"] == export["speedup"]["batch_8"]
     assert summary["bnn_vs_float"]["speedup"] == 4.8
     assert summary["bnn_vs_float"]["prediction_mismatches"] == {"baseline": 0, "pruned": 3}
     assert summary["ops_ratio"] == pytest.approx(b["ops"] / p["ops"])
+    assert summary["speedup_batch_size"] == {"cpu": 64, "torch": 64, "triton": 64,
+                                             "onnxruntime": 8}
     assert [r["channels_after"] for r in summary["layers"]] == PRUNED_CH[1:]
     assert summary["layers"][0]["p_l"] == pytest.approx(0.1)
+
+
+def test_dvc_metrics_file_is_a_few_numeric_headline_metrics(workspace, summary):
+    """reports/metrics.json, the one DVC metrics file: numbers only, the speedups named with
+    their batch size, every name also a valid MLflow metric name (the summary run logs them)."""
+    from bnnprune.tracking import METRIC_NAME
+
+    metrics = json.loads((workspace / report.METRICS_JSON).read_text())
+    assert list(metrics)[:3] == ["test_acc", "acc_drop_pt", "bops_reduction_pct"]
+    assert metrics["speedup_cpu_b64"] == 1.6 and "speedup_ort_b8" in metrics
+    assert metrics["test_acc"] == pytest.approx(summary["pruned"]["test_acc"])
+    assert len(metrics) <= 6  # `dvc metrics show` fits 120 columns
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool)
+               for v in metrics.values())
+    assert all(METRIC_NAME.fullmatch(k) for k in report.headline_metrics(summary))
 
 
 def test_markdown_has_per_layer_tables_and_plots(workspace, summary):
@@ -197,14 +216,15 @@ def test_summary_run_links_stage_runs_and_compare_shows_one_row_each(
     assert first.data.tags[report.LINK_TAG + "study:flip-0.5-0"] == stage_ids["study@flip-0.5-0"]
     assert first.data.metrics["bops_reduction_pct"] == pytest.approx(
         summary["reduction"]["bops_pct"])
-    assert first.data.metrics["speedup_cpu"] == 1.6
+    assert first.data.metrics["speedup_cpu_b64"] == 1.6
     # stage runs become children of the first summary run only (never re-parented)
     assert client.get_run(stage_ids["train"]).data.tags["mlflow.parentRunId"] == summary_ids[0]
     table = report.compare().splitlines()
     assert len(table) == 2 + 2  # header, rule, one row per summary run
     assert "prune.tau" in table[0] and "test_acc" in table[0]
     assert table[2].startswith(summary_ids[1][:8]) and "30.0" in table[2]
-    assert not math.isnan(first.data.metrics["pruned_test_acc"])
+    assert not math.isnan(first.data.metrics["test_acc"])
+    assert "1.6" in table[2]  # the speedup column finds speedup_cpu_b64
 
 
 def test_compare_without_summary_runs_says_so():

@@ -91,13 +91,13 @@ def test_tiny_pipeline_logs_to_the_postgres_backed_server(server, e2e_project, t
     local = client.download_artifacts(train_run.info.run_id, "train.json", str(tmp_path))
     assert json.loads(Path(local).read_text()) == train
     assert any(Path(server_env["MLFLOW_DATA"], "artifacts").rglob("train.json"))
-    # logged models: the export stage's and the summary run's, the latter registered
+    # logged models: the export stage's two; the report stage registers the pruned one
     models = client.search_logged_models(experiment_ids=[exp.experiment_id])
-    sources = {m.source_run_id for m in models}
-    assert {by_stage["export"].info.run_id, by_stage["report"].info.run_id} <= sources
+    exported = {m.name: m for m in models if m.source_run_id == by_stage["export"].info.run_id}
+    assert set(exported) == {"baseline_bnn_onnx", "pruned_bnn_onnx"}
     summary = json.loads((root / "reports/summary.json").read_text())
     candidate = client.get_model_version_by_alias("bnnprune-synthetic-cnn", CANDIDATE)
-    assert candidate.run_id == by_stage["report"].info.run_id
+    assert candidate.source == f"models:/{exported['pruned_bnn_onnx'].model_id}"
     assert float(candidate.tags["pruned.test_acc"]) == pytest.approx(
         summary["pruned"]["test_acc"])
 

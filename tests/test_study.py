@@ -6,7 +6,15 @@ import math
 import pytest
 import torch
 
-from bnnprune.config import DataConfig, PruneConfig, StudyConfig, Subset, TrainConfig
+from bnnprune.config import (
+    ConfigError,
+    DataConfig,
+    PruneConfig,
+    StudyConfig,
+    Subset,
+    TrainConfig,
+    parse_params,
+)
 from bnnprune.data import prepare
 from bnnprune.flips import FlipsError, interval_counts
 from bnnprune.models import build_model, model_config
@@ -21,8 +29,8 @@ from bnnprune.prune import (
     round_keep,
 )
 from bnnprune.stats import mean_ci, paired_difference, spearman_ci
-from bnnprune.study import METHODS, evaluate_packed, prune_with, recovery_config
-from bnnprune.study_report import findings_md, summarize
+from bnnprune.study import METHODS, evaluate_packed, prune_with, recovery_config, run_cell
+from bnnprune.study_report import findings_md, summarize, tables_md
 from bnnprune.train import evaluate, fit, lr_at
 
 CNN = model_config("cnn", 1.0, [1, 28, 28], 10)  # binary layers 32/64/64/128/128
@@ -176,3 +184,37 @@ def test_findings_claim_a_win_only_when_the_ci_excludes_zero():
     s = summarize(cells(clear, same), methods, [0.5], 0.9)
     before = [d for d in s["differences"] if d["phase"] == "before"]
     assert all(d["deterministic"] and d["verdict"] == "none" for d in before)
+
+
+def test_scratch_trains_the_flip_widths_anew(tmp_path):
+    splits, card = tiny_data(tmp_path)
+    model = build_model(model_config("cnn", 0.5, card["shape"], card["num_classes"]), seed=0)
+    train = TrainConfig(epochs=1, batch_size=32, threads=1, seed=0)
+    flips = {"counts": {f"blocks.{i}.layer": torch.randint(
+        0, 6, model.blocks[i].layer.weight.shape, generator=torch.Generator().manual_seed(i))
+        for i in binary_blocks(model)}}
+    args = (0.5, 0, model, flips, splits, card, PruneConfig(tau=2), StudyConfig(recovery_steps=2,
+            batch_size=32), train, TrainConfig(epochs=1, lr=0.001, threads=1), None)
+    flip, scratch = run_cell("flip", *args), run_cell("scratch", *args)
+    assert scratch["scratch"] and scratch["channels"] == flip["channels"]
+    assert scratch["test_acc_before_recovery"] == flip["test_acc_before_recovery"]
+    # same widths, same recovery data: only new weights trained for train.epochs differ
+    assert scratch["final_train_loss"] != flip["final_train_loss"]
+
+
+def test_a_control_run_at_some_budgets_only_is_summarized_where_it_ran():
+    acc = {"flip": [0.90, 0.91, 0.92], "latent": [0.88, 0.885, 0.90]}
+    rows = ([{**c, "budget": 0.3} for c in cells(acc)] + cells(acc)
+            + cells({"scratch": [0.85, 0.86, 0.86]}))
+    s = summarize(rows, ["flip", "latent", "scratch"], [0.3, 0.5], 0.9)
+    assert list(s["methods"]["scratch"]) == ["0.5"] and list(s["methods"]["flip"]) == ["0.3", "0.5"]
+    scratch = [d for d in s["differences"] if d["b"] == "scratch" and d["phase"] == "after"]
+    assert [(d["budget"], d["verdict"]) for d in scratch] == [(0.5, "a")]
+    table = "\n".join(tables_md(s, None))
+    assert "| scratch | not run | -50.0%:" in table
+
+
+def test_scratch_in_methods_and_scratch_budgets_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"study.scratch_budgets: \[0.5\] while study.methods"):
+        parse_params({"study": {"methods": ["flip", "scratch"], "scratch_budgets": [0.5]}})
+    assert parse_params({"study": {"scratch_budgets": [0.5]}}).study.scratch_budgets == [0.5]

@@ -1,6 +1,9 @@
 """Where stage runs are tracked and which code version they are tagged with."""
 
+import re
 import subprocess
+
+import pytest
 
 from bnnprune import tracking
 
@@ -27,3 +30,57 @@ def test_queued_experiment_is_tagged_with_its_own_checkout_but_tracks_to_the_pro
     monkeypatch.chdir(tmp_path / "copy")
     assert tracking.git_commit() == copy_head != project_head
     assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'project' / 'mlflow.db'}"
+
+
+def test_metric_names_follow_one_rule():
+    for good in ("val_acc", "final/val_acc", "wall_time_s", "speedup/packed_cpu_b64",
+                 "baseline/onnxruntime/latency_ms_b1", "model_size_bits_before", "p/blocks_1"):
+        assert tracking.metric_name(good) == good
+    # names still logged by code the study depends on are renamed on the way
+    assert tracking.metric_name("flip_ratio/blocks.1.layer") == "flip_ratio/blocks_1"
+    assert tracking.metric_name("seconds") == "wall_time_s"
+    assert tracking.metric_name("size_train") == "images/train"
+    for bad in ("baseline.parity.passed", "Val_acc", "finetune_seconds", "onnx/size",
+                "speedup//cpu", "test_acc/flip/0.3", "criteria/flip/test acc"):
+        with pytest.raises(tracking.MetricNameError, match=re.escape(repr(bad))):
+            tracking.metric_name(bad)
+
+
+def test_stage_run_finals_params_and_errors(tmp_path, monkeypatch):
+    """A final value of a metric with a per-epoch curve goes to final/<name> (the curve stays
+    monotone in step); params are logged as in params.yaml (null, not None); a failed stage's
+    run carries its error (tag and error.txt) and a bad metric name is a clear error."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with tracking.stage_run("train", {"prune": {"target": None, "on": True}}, "k1") as run:
+        for epoch in (1, 2, 3):
+            mlflow.log_metrics({"val_acc": 0.5 + epoch / 10}, step=epoch)  # as train.fit does
+        tracking.log_metrics({"val_acc": 0.8, "test_acc": 0.79})
+    client = MlflowClient()
+    data = client.get_run(run.info.run_id).data
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3]
+    assert data.metrics["final/val_acc"] == 0.8 and data.metrics["test_acc"] == 0.79
+    assert data.params == {"prune.target": "null", "prune.on": "true"}
+    with pytest.raises(ValueError, match="no such file"):
+        with tracking.stage_run("prepare", {}, "k2") as run:
+            raise ValueError("no such file")
+    failed = client.get_run(run.info.run_id)
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["error"] == "ValueError: no such file"
+    text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/error.txt")
+    assert "Traceback" in text and "no such file" in text
+    with pytest.raises(tracking.MetricNameError, match="'train_seconds_total'"):
+        with tracking.stage_run("finetune", {}, "k3"):
+            tracking.log_metrics({"train_seconds_total": 1.0})
+
+
+def test_study_cell_runs_record_their_method_not_prune_criterion():
+    flat = tracking._run_params("study@flip_random-0.3-1",
+                                {"prune": {"criterion": "flip", "tau": 2}})
+    assert flat == {"prune.tau": 2, "study.method": "flip_random", "study.budget": 0.3,
+                    "study.seed": 1}
+    assert tracking._run_params("prune", {"prune": {"criterion": "latent"}}) == {
+        "prune.criterion": "latent"}

@@ -336,21 +336,53 @@ def export_and_check(models: dict[str, tuple[BNN, str | Path]], test: Split, car
     return result
 
 
-def log_onnx_model(path: str | Path, card: dict, name: str = "model") -> None:
-    """Log an exported model to the active MLflow run, with an input example and signature."""
+ONNX_MODEL_NAMES = {"baseline": "baseline_bnn_onnx", "pruned": "pruned_bnn_onnx"}
+EXAMPLE_IMAGES = 4  # test images in a logged model's input example
+
+
+def log_onnx_model(path: str | Path, card: dict, name: str, images: torch.Tensor) -> Any:
+    """Log an exported model to the active MLflow run as `name`, with the first EXAMPLE_IMAGES
+    of `images` (uint8 test images) as its input example, a signature and the file's sha256 as
+    tag `onnx_sha256`. Returns the logged model (None without an active run)."""
     import mlflow
     from mlflow.models import infer_signature
 
+    from bnnprune.data import sha256
+
     if not mlflow.active_run():
-        return
+        return None
     proto = verify(path, card)
-    example = np.random.default_rng(0).random((2, *card["shape"]), dtype=np.float32)
+    example = pixels(images[:EXAMPLE_IMAGES]).numpy()
     logits = session(path).run([OUTPUT], {INPUT: example})[0]
-    mlflow.onnx.log_model(
+    return mlflow.onnx.log_model(
         proto, name=name, input_example={INPUT: example},
         signature=infer_signature({INPUT: example}, {OUTPUT: logits}),
         pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={ort.__version__}"],
-        onnx_execution_providers=["CPUExecutionProvider"], save_as_external_data=False)
+        onnx_execution_providers=["CPUExecutionProvider"], save_as_external_data=False,
+        tags={"onnx_sha256": sha256(Path(path))})
+
+
+def export_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """MLflow metrics of an export result (reports/metrics/export.json), by the naming rule:
+    `<model>/onnxruntime/latency_ms_b<batch>`, `speedup/onnxruntime_b<batch>`, ..."""
+    out: dict[str, float] = {}
+    for name, m in result["models"].items():
+        out[f"{name}/onnx_file_bytes"] = m["size_bytes"]
+        out[f"{name}/macs"] = m["macs"]
+        for key, value in m["parity"].items():
+            if isinstance(value, (int, float)) and key not in ("images", "tolerance"):
+                out[f"{name}/parity/{key}"] = float(value)
+        for stat, by_batch in (("latency_ms", m["latency_ms"]),
+                               ("latency_min_ms", m["latency_ms_min"])):
+            for batch, ms in by_batch.items():
+                out[f"{name}/onnxruntime/{stat}_b{batch.removeprefix('batch_')}"] = ms
+    for key in ("speedup", "speedup_min", "speedup_vs_mac_ratio"):
+        for batch, value in result.get(key, {}).items():
+            out[f"{key}/onnxruntime_b{batch.removeprefix('batch_')}"] = value
+    if "mac_ratio" in result:
+        out["mac_ratio"] = result["mac_ratio"]
+    out["parity_passed"] = float(result["parity_passed"])
+    return out
 
 
 def require_parity(result: dict[str, Any]) -> None:

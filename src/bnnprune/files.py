@@ -37,7 +37,13 @@ def load_json(path: str | Path) -> Any:
 
 
 def save_torch(path: str | Path, obj: Any) -> Path:
-    return write_atomic(path, lambda p: torch.save(obj, p))
+    """torch.save through a file object: given a path, torch puts the temp file's random name in
+    the zip archive, so the same checkpoint got a new checksum (and re-ran DVC stages) each time."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return write_atomic(path, write)
 
 
 def save_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:

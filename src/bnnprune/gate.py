@@ -29,7 +29,10 @@ CHECKS = (
     Check("pruned test accuracy", ("pruned", "test_acc"), ">=", "min_test_acc"),
     Check("accuracy drop (pt)", ("acc_drop_pt",), "<=", "max_acc_drop_pt"),
     Check("BOP reduction (%)", ("reduction", "bops_pct"), ">=", "min_bops_reduction_pct"),
-    Check("speedup, packed CPU engine", ("speedup", CPU_BACKEND), ">=", "min_speedup_cpu"),
+    # the ratio of minimum latencies: medians on a shared machine swing with other jobs (a CI run
+    # at load 5 measured a 0.19x median ratio where the minimums gave 1.09x)
+    Check("speedup, packed CPU engine (min times)", ("speedup_of_min_ms", CPU_BACKEND), ">=",
+          "min_speedup_cpu"),
 )
 
 
@@ -59,7 +62,7 @@ def evaluate(summary: dict, gate: GateConfig, path: Path = Path("summary.json"))
         threshold = getattr(gate, check.threshold)
         if value is None:
             reason = (summary.get("speedup_unavailable", {}).get(check.key[-1])
-                      if check.key[0] == "speedup" else None)
+                      if check.key[0].startswith("speedup") else None)
             results.append(Result(check, None, threshold, False,
                                   f"not measured{': ' + reason if reason else ''}"))
             continue

@@ -1,7 +1,8 @@
 """MLflow Model Registry, in MLflow 3's conventions (aliases, no stages).
 
-The report stage logs the pruned ONNX model (models/model.onnx) as a logged model of its summary
-run and registers it as a new version of the registered model `bnnprune-<dataset>-<arch>`,
+The report stage registers the pruned ONNX model (models/model.onnx) that the export stage logged
+(`pruned_bnn_onnx`, found by the file's sha256; logged by the summary run only when the export
+stage ran without tracking) as a new version of the registered model `bnnprune-<dataset>-<arch>`,
 tagged with the config hash, the git commit, the sha256 of reports/summary.json and the headline
 metrics (what the gate judges), with the alias `candidate`. `bnnprune check` moves the alias
 `champion` to the version registered for the judged summary.json only when the gate passes.
@@ -17,8 +18,8 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from bnnprune.data import sha256
-from bnnprune.export import log_onnx_model
+from bnnprune.data import load_prepared, sha256
+from bnnprune.export import ONNX_MODEL_NAMES, log_onnx_model
 from bnnprune.files import load_json
 from bnnprune.gate import CHECKS
 from bnnprune.tracking import TrackingError, ensure_experiment, tracking_uri
@@ -66,8 +67,11 @@ def register_candidate(summary: dict[str, Any], summary_path: str | Path,
         if not Path(path).is_file():
             raise RegistryError(f"{path}: not found; run the export and report stages first")
     name = model_name(summary)
-    log_onnx_model(onnx_path, load_json(card_path), name="model")
-    logged = mlflow.last_logged_model()
+    logged = logged_onnx_model(run.info.experiment_id, sha256(Path(onnx_path)))
+    if logged is None:
+        test = load_prepared(Path(card_path).parent)[0]["test"]
+        logged = log_onnx_model(onnx_path, load_json(card_path), ONNX_MODEL_NAMES["pruned"],
+                                test.images)
     run_tags = mlflow.get_run(run.info.run_id).data.tags
     tags = {"config_hash": run_tags.get("config_hash", ""),
             "git_commit": run_tags.get("git_commit", ""),
@@ -79,6 +83,16 @@ def register_candidate(summary: dict[str, Any], summary_path: str | Path,
     client = MlflowClient()
     client.set_registered_model_alias(name, CANDIDATE, version)
     return name, str(version)
+
+
+def logged_onnx_model(experiment_id: str, digest: str) -> Any:
+    """The newest pruned ONNX model logged in the experiment whose file has sha256 `digest`."""
+    found = mlflow.search_logged_models(
+        [experiment_id], filter_string=f"name = '{ONNX_MODEL_NAMES['pruned']}' and "
+        f"tags.onnx_sha256 = '{digest}'", order_by=[{"field_name": "creation_time",
+                                                     "ascending": False}],
+        max_results=1, output_format="list")
+    return found[0] if found else None
 
 
 def promote(summary: dict[str, Any], summary_path: str | Path) -> str:

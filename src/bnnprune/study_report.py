@@ -62,6 +62,8 @@ def summarize(cells: list[dict[str, Any]], methods: list[str], budgets: list[flo
     for m in methods:
         for b in budgets:
             rows = [c for c in cells if c["method"] == m and c["budget"] == b]
+            if not rows:  # a method run at some budgets only (study.scratch_budgets)
+                continue
             table.setdefault(m, {})[f"{b:g}"] = {
                 "bops_reduction_pct": mean_ci([c["bops_reduction_pct"] for c in rows])["mean"],
                 **{phase: mean_ci([c[key] for c in rows]) for phase, key in PHASES.items()},
@@ -74,6 +76,8 @@ def summarize(cells: list[dict[str, Any]], methods: list[str], budgets: list[flo
         for budget in budgets:
             for phase, key in PHASES.items():
                 x, y = _by(cells, a, budget, key), _by(cells, b, budget, key)
+                if not x or not y:
+                    continue
                 d = paired_difference({s: 100 * v for s, v in x.items()},
                                       {s: 100 * v for s, v in y.items()})
                 deterministic = d["n"] > 1 and d["sd"] == 0
@@ -122,14 +126,14 @@ def _diff_text(d: dict[str, Any]) -> str:
 
 
 def tables_md(summary: dict[str, Any], hypothesis: dict[str, Any] | None) -> list[str]:
-    budgets = list(next(iter(summary["methods"].values())))
+    budgets = sorted({b for rows in summary["methods"].values() for b in rows}, key=float)
     lines = ["Test accuracy in % (mean ± 95% CI half-width over seeds), before → after "
              "recovery; BOP reduction achieved after rounding.", "",
              "| method | " + " | ".join(f"budget -{100 * float(b):g}% BOPs" for b in budgets)
              + " |", "|---|" + "---|" * len(budgets)]
     for m, by_budget in summary["methods"].items():
         cells = [f"-{r['bops_reduction_pct']:.1f}%: {_ci(r['before'])} → {_ci(r['after'])}"
-                 for r in by_budget.values()]
+                 if (r := by_budget.get(b)) else "not run" for b in budgets]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "Paired differences a - b in accuracy points (same seed), 95% t-interval:", "",
               "| a - b | budget | before recovery | after recovery |", "|---|---|---|---|"]

@@ -11,6 +11,18 @@ artifacts, its end) goes to a journal, `.bnnprune/journal/<run id>.jsonl` in the
 stage writes its outputs and ends with a warning, and `bnnprune backfill` replays the journal
 once the server is back. A server that cannot be reached when a stage starts stops the stage
 before any work (TrackingError).
+
+Metric names follow one rule, METRIC_NAME, checked on every metric logged through this module
+(library code's `mlflow.log_metrics` included, see _fluent_calls_journaled): snake_case segments
+joined by "/" (MLflow groups charts on it); a unit suffix where the quantity has one (`_s`,
+`_ms`, `_bytes`, `_bits`, `_pct`, `_pt`); no bare "size" and no "seconds". A batch size is part of
+a latency or speedup name (`_b64`). A value logged without a step for a metric that already has
+a per-step curve in the run (a stage's final val_acc after its per-epoch val_acc) is logged as
+`final/<name>`, so the curve is not followed by a point at step 0. Names that code the criteria
+study depends on still logs (LEGACY_NAMES) are renamed on the way, see there.
+
+A run that ends FAILED carries its error: tag `error` (type and message) and the artifact
+`error.txt` (the traceback), logged before it is marked FAILED.
 """
 
 from __future__ import annotations
@@ -18,10 +30,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,8 +58,51 @@ RUN_STATE_DIR = Path(".bnnprune/runs")
 JOURNAL_DIR = ".bnnprune/journal"  # under the project root
 
 
+# The naming rule for metric names (see the module docstring): snake_case segments joined by "/",
+# and no unit spelled "seconds"/"secs" or a segment ending in a bare "size" (say `_bytes`/`_bits`).
+METRIC_NAME = re.compile(r"(?!.*(?:^|[/_])(?:seconds|secs?)(?:$|[/_]))(?!.*(?:^|[/_])size(?:$|/))"
+                         r"[a-z][a-z0-9_]*(?:/[a-z0-9][a-z0-9_]*)*")
+
+# Metric names still logged by code whose edit would re-run the criteria study's 36 cells:
+# stages/study_cell.py and the library it imports are the cells' DVC deps; stages/prepare.py,
+# stages/train.py and src/bnnprune/train.py are upstream of models/baseline.pt (a re-run of the
+# train stage rewrites it: torch.save embeds the temporary file name), and
+# stages/study_sensitivity.py of layer_sensitivity.json. Renamed here until those
+# files are next edited for another reason; layer names "blocks.1.layer" become "blocks_1".
+LEGACY_NAMES = {"size_train": "images/train", "size_val": "images/val",
+                "size_test": "images/test", "train_seconds": "wall_time_s",
+                "seconds": "wall_time_s"}
+_LAYER = re.compile(r"(?<=/)blocks\.(\d+)(?:\.layer)?$")
+
+
 class TrackingError(RuntimeError):
     pass
+
+
+class MetricNameError(ValueError):
+    """A metric name that breaks the naming rule (METRIC_NAME): a bug in the code logging it."""
+
+
+def layer_segment(layer: str) -> str:
+    """A model layer's name as a metric name segment: "blocks.1.layer" -> "blocks_1"."""
+    return layer.removesuffix(".layer").replace(".", "_")
+
+
+def metric_name(name: str) -> str:
+    """`name` after the LEGACY_NAMES renames; MetricNameError when it breaks METRIC_NAME."""
+    name = _LAYER.sub(lambda m: f"blocks_{m.group(1)}", LEGACY_NAMES.get(name, name))
+    if not METRIC_NAME.fullmatch(name):
+        raise MetricNameError(
+            f"metric name {name!r} breaks the naming rule (tracking.METRIC_NAME): snake_case "
+            f"segments joined by '/', units as suffixes (_s, _ms, _bytes, _bits, _pct), no bare "
+            f"'size' and no 'seconds'")
+    return name
+
+
+def param_value(value: Any) -> str:
+    """A param as MLflow shows it: strings as they are, anything else as in params.yaml (JSON:
+    null, true, [0.3, 0.5]) rather than Python's repr ("None", "True")."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def enabled() -> bool:
@@ -133,6 +190,7 @@ class _Journal:
         self.header = {"op": "run", "run_id": run_id, "stage": stage, "uri": uri}
         self.error: str | None = None
         self.calls = 0
+        self.curves: set[str] = set()  # metric names logged with a step in this run
 
     def add(self, entry: dict[str, Any]) -> None:
         if not self.path.exists():
@@ -167,9 +225,16 @@ def _call(entry: Callable[[], dict[str, Any]], call: Callable[[], Any]) -> None:
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log metrics to the active run, named by the rule (metric_name); without a step, a metric
+    with a per-step curve in this run goes to `final/<name>`."""
     if not mlflow.active_run():
         return
-    values = {k: float(v) for k, v in metrics.items()}
+    values = {metric_name(k): float(v) for k, v in metrics.items()}
+    if _journal is not None:
+        if step is None:
+            values = {f"final/{k}" if k in _journal.curves else k: v for k, v in values.items()}
+        else:
+            _journal.curves.update(values)
     now = int(time.time() * 1000)
     _call(lambda: {"op": "metrics", "metrics": values, "step": step or 0, "timestamp": now},
           lambda: fluent.log_metrics(values, step=step, timestamp=now))
@@ -187,7 +252,7 @@ def set_tag(key: str, value: Any) -> None:
 
 def log_params(params: dict[str, Any]) -> None:
     if mlflow.active_run():
-        values = {k: str(v) for k, v in params.items()}
+        values = {k: param_value(v) for k, v in params.items()}
         _call(lambda: {"op": "params", "params": values}, lambda: fluent.log_params(values))
 
 
@@ -214,6 +279,29 @@ def _fluent_calls_journaled() -> Iterator[None]:
         yield
     finally:
         mlflow.log_metrics, mlflow.set_tags, mlflow.set_tag = saved
+
+
+def _record_error(e: BaseException) -> None:
+    """Tag the active run with the error that ends it, and log its traceback as error.txt."""
+    message = f"{type(e).__name__}: {e}"
+    set_tag("error", message if len(message) <= 5000 else message[:4997] + "...")
+    text = "".join(traceback.format_exception(e))
+    _call(lambda: {"op": "text", "text": text, "artifact_file": "error.txt"},
+          lambda: mlflow.log_text(text, "error.txt"))
+
+
+def _run_params(stage: str, params: Any) -> dict[str, Any]:
+    """The params a stage's run records: its groups, flattened. A study cell (stage
+    `study@<method>-<budget>-<seed>`) selects channels by its method, not by prune.criterion:
+    it records study.method / study.budget / study.seed instead."""
+    flat = flat_dict(params)
+    cell = stage.removeprefix("study@").rsplit("-", 2)
+    if stage.startswith("study@") and len(cell) == 3:
+        method, budget, seed = cell
+        flat.pop("prune.criterion", None)
+        flat.update({"study.method": method, "study.budget": float(budget),
+                     "study.seed": int(seed)})
+    return flat
 
 
 def _end_run(status: str) -> None:
@@ -255,12 +343,13 @@ def stage_run(stage: str, params: Any, config_hash: str) -> Iterator[Any]:
     if run_id:
         set_tag("resumed", "true")
     else:
-        log_params(flat_dict(params))
+        log_params(_run_params(stage, params))
     save_json(state_file, {"run_id": run.info.run_id, "config_hash": config_hash})
     try:
         with _fluent_calls_journaled():
             yield run
     except BaseException as e:
+        _record_error(e)
         _end_run("FAILED")
         if isinstance(e, MlflowException) and is_outage(e):  # a call not journaled (log_model)
             raise TrackingError(f"MLflow tracking failed in stage {stage!r} "
@@ -294,11 +383,13 @@ def _replay(client: MlflowClient, run_id: str, entry: dict[str, Any]) -> None:
             client.log_artifacts(run_id, entry["path"], entry["artifact_path"])
         else:
             client.log_artifact(run_id, entry["path"], entry["artifact_path"])
+    elif op == "text":
+        client.log_text(run_id, entry["text"], entry["artifact_file"])
     elif op == "end":
         client.set_terminated(run_id, entry["status"], entry["end_time"])
     else:
         raise TrackingError(f"unknown journal entry {op!r}; expected metrics, tags, params, "
-                            f"artifact or end")
+                            f"artifact, text or end")
 
 
 def backfill() -> list[str]:
