@@ -212,6 +212,10 @@ def test_a_control_run_at_some_budgets_only_is_summarized_where_it_ran():
     assert [(d["budget"], d["verdict"]) for d in scratch] == [(0.5, "a")]
     table = "\n".join(tables_md(s, None))
     assert "| scratch | not run | -50.0%:" in table
+    alone = summarize(cells({"flip": acc["flip"], "scratch": [0.85, 0.86, 0.86]}),
+                      ["flip", "scratch"], [0.5], 0.9)
+    assert "No control (flip_random, uniform_random, latent) ran in this study" in "\n".join(
+        findings_md(alone, None, "test"))
 
 
 def test_scratch_in_methods_and_scratch_budgets_is_a_config_error():

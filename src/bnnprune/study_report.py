@@ -175,7 +175,10 @@ def findings_md(summary: dict[str, Any], hypothesis: dict[str, Any] | None,
     """Plain-language findings, generated from the numbers; no win without a CI-clear one."""
     v = summary["verdict"]
     lines = [f"Setting: {setting}.", ""]
-    if v["wins_over_all_controls"]:
+    if not v["controls"]:
+        lines.append("No control (" + ", ".join(CONTROLS) + ") ran in this study: it gives no "
+                     "verdict on flip guidance against controls.")
+    elif v["wins_over_all_controls"]:
         lines.append("A flip-derived method beat every control (" + ", ".join(v["controls"])
                      + ") after recovery, with a 95% CI of the paired difference excluding "
                      "zero, at: " + "; ".join(f"{w['method']} at -{100 * w['budget']:g}% BOPs"
