@@ -72,7 +72,7 @@ METRIC_NAME = re.compile(r"(?!.*(?:^|[/_])(?:seconds|secs?)(?:$|[/_]))(?!.*(?:^|
 LEGACY_NAMES = {"size_train": "images/train", "size_val": "images/val",
                 "size_test": "images/test", "train_seconds": "wall_time_s",
                 "seconds": "wall_time_s"}
-_LAYER = re.compile(r"(?<=/)blocks\.(\d+)(?:\.layer)?$")
+_LAYER = re.compile(r"(?<=/)blocks\.\d+(?:\.layer)?$")
 
 
 class TrackingError(RuntimeError):
@@ -90,7 +90,7 @@ def layer_segment(layer: str) -> str:
 
 def metric_name(name: str) -> str:
     """`name` after the LEGACY_NAMES renames; MetricNameError when it breaks METRIC_NAME."""
-    name = _LAYER.sub(lambda m: f"blocks_{m.group(1)}", LEGACY_NAMES.get(name, name))
+    name = _LAYER.sub(lambda m: layer_segment(m.group(0)), LEGACY_NAMES.get(name, name))
     if not METRIC_NAME.fullmatch(name):
         raise MetricNameError(
             f"metric name {name!r} breaks the naming rule (tracking.METRIC_NAME): snake_case "
