@@ -32,7 +32,7 @@ def main() -> None:
     digest = fingerprint(as_dict(cfg), {n: file_digest(p) for n, p in MODELS.items()})
     with stage_run("benchmark", groups, digest):
         result = run_benchmark(models, test, cfg.batch_size, cfg.threads, cfg.warmup,
-                               cfg.repeats)
+                               cfg.repeats, batch_sizes=cfg.latency_batch_sizes)
         result["model_paths"] = MODELS
         save_json(METRICS, result)
         save_csv(PLOT, latency_rows(result))
@@ -49,6 +49,11 @@ def main() -> None:
           f"(baseline) {result['bnn_vs_float']['pruned']:.2f}x (pruned); mismatches "
           f"{ {n: r['mismatches'] for n, r in result['prediction_mismatches'].items()} }; "
           f"skipped {result['skipped']}; load {result['machine']['load_average']}")
+    for batch, rows in result["by_batch"].items():
+        for b, r in rows.items():
+            print(f"benchmark: {batch:9s} {b:11s} {r['baseline_ms']:8.2f} -> {r['pruned_ms']:8.2f} "
+                  f"ms  speedup {r['speedup']:.2f}x (min {r['speedup_of_min_ms']:.2f}x) = "
+                  f"{r['share_of_work_ratio']:.2f} of its work ratio {r['work_ratio']:.3f}")
     print(layer_table_md(result))
 
 

@@ -18,7 +18,7 @@ def result():
     models = {"baseline": tiny([8, 8, 16, 16, 32, 32]), "pruned": tiny([8, 5, 9, 16, 17, 32])}
     images = torch.randn(40, 1, 28, 28)
     return benchmark.run_benchmark(models, images, batch_size=8, threads=1, warmup=1,
-                                   repeats=3)
+                                   repeats=3, batch_sizes=[1, 8, 50])
 
 
 def test_schema_and_positive_numbers(result):
@@ -50,6 +50,37 @@ def test_schema_and_positive_numbers(result):
     flat = benchmark.flat_metrics(result)
     assert all(isinstance(v, (int, float)) for v in flat.values())
     assert all(tracking.METRIC_NAME.fullmatch(k) for k in flat), flat
+
+
+def test_latency_by_batch_size_per_backend(result):
+    by = result["by_batch"]
+    assert list(by) == ["batch_1", "batch_8", "batch_50"]  # 50 > the 40 images: repeated
+    for batch, rows in by.items():
+        assert set(rows) == {"torch_float", "packed_cpu"}
+        for b, r in rows.items():
+            assert 0 < r["baseline_ms_min"] <= r["baseline_ms"], (batch, b)
+            assert 0 < r["pruned_ms_min"] <= r["pruned_ms"], (batch, b)
+            assert r["speedup"] == pytest.approx(r["baseline_ms"] / r["pruned_ms"])
+            assert r["share_of_work_ratio"] == pytest.approx(r["speedup"] / r["work_ratio"])
+    # the headline batch is the main loop's rounds, not a second timing
+    assert by["batch_8"]["packed_cpu"]["speedup"] == result["speedup"]["packed_cpu"]
+    assert by["batch_8"]["torch_float"]["baseline_ms"] == \
+        result["models"]["baseline"]["torch_float"]["latency_ms_median"]
+    # torch float executes MACs, the engine OPs (BOPs / 64 + FLOPs)
+    m = result["models"]
+    macs = {n: m[n]["bops"] + m[n]["flops"] for n in m}
+    assert by["batch_1"]["torch_float"]["work_ratio"] == pytest.approx(
+        macs["baseline"] / macs["pruned"])
+    assert by["batch_50"]["packed_cpu"]["work_ratio"] == pytest.approx(result["ops_ratio"])
+    flat = benchmark.flat_metrics(result)
+    assert flat["speedup/packed_cpu_b50"] == by["batch_50"]["packed_cpu"]["speedup"]
+    assert flat["pruned/torch_float/latency_ms_b1"] == by["batch_1"]["torch_float"]["pruned_ms"]
+
+
+def test_batch_of_repeats_images_to_fill_the_batch():
+    images = torch.arange(3.0).view(3, 1, 1, 1)
+    assert benchmark.batch_of(images, 7).flatten().tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert benchmark.batch_of(images, 2).flatten().tolist() == [0, 1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

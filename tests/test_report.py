@@ -30,6 +30,15 @@ BENCHMARK = {
     "bnn_vs_float": {"speedup": 4.8, "packed_ms": 6.25, "float_ms": 30.0},
     "prediction_mismatches": {"baseline": {"mismatches": 0}, "pruned": {"mismatches": 3}},
     "config": {"batch_size": 64},
+    "by_batch": {f"batch_{b}": {
+        "torch_float": {"baseline_ms": 30.0 * f, "baseline_ms_min": 29.0 * f,
+                        "pruned_ms": 24.0 * f, "pruned_ms_min": 23.0 * f, "speedup": 1.25,
+                        "speedup_of_min_ms": 29 / 23, "work_ratio": 1.5,
+                        "share_of_work_ratio": 1.25 / 1.5},
+        "packed_cpu": {"baseline_ms": 10.0 * f, "baseline_ms_min": 9.0 * f,
+                       "pruned_ms": 6.25 * f, "pruned_ms_min": 6.0 * f, "speedup": 1.6,
+                       "speedup_of_min_ms": 1.5, "work_ratio": 1.3,
+                       "share_of_work_ratio": 1.6 / 1.3}} for b, f in ((1, 0.1), (64, 1.0))},
 }
 
 
@@ -122,6 +131,25 @@ def test_summary_schema_and_numbers(workspace, summary):
                                              "onnxruntime": 8}
     assert [r["channels_after"] for r in summary["layers"]] == PRUNED_CH[1:]
     assert summary["layers"][0]["p_l"] == pytest.approx(0.1)
+
+
+def test_latency_table_per_backend_and_batch(workspace, summary):
+    rows = summary["latency_by_batch"]
+    assert [(r["backend"], r["batch"]) for r in rows] == [
+        ("torch_float", 1), ("packed_cpu", 1), ("torch_float", 64), ("packed_cpu", 64),
+        ("onnxruntime", 1), ("onnxruntime", 8)]
+    assert {r["work"] for r in rows if r["backend"] == "packed_cpu"} == {"OPs"}
+    export = json.loads((workspace / "reports/metrics/export.json").read_text())
+    ort = rows[-1]
+    m = export["models"]
+    assert ort["baseline_ms"] == m["baseline"]["latency_ms"]["batch_8"]
+    assert ort["pruned_ms_min"] == m["pruned"]["latency_ms_min"]["batch_8"]
+    assert ort["speedup"] == pytest.approx(ort["baseline_ms"] / ort["pruned_ms"])
+    assert ort["work_ratio"] == export["mac_ratio"] and ort["work"] == "MACs"
+    assert ort["share_of_work_ratio"] == pytest.approx(ort["speedup"] / export["mac_ratio"])
+    md = (workspace / report.SUMMARY_MD).read_text()
+    assert "| packed_cpu | 1 | 1.000 [0.900] | 0.625 [0.600] | 1.60x (1.50x) | OPs 1.300 | 1.23 |" \
+        in md
 
 
 def test_dvc_metrics_file_is_a_few_numeric_headline_metrics(workspace, summary):

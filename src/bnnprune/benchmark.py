@@ -45,6 +45,7 @@ import torch
 from bnnprune.engine import PackedModel
 from bnnprune.models import BNN
 from bnnprune.ops import count_ops
+from bnnprune.tracking import layer_segment
 
 BACKENDS = ("torch_float", "packed_cpu", "triton_cuda")
 REPORT_KEYS = {"packed_cpu": "cpu", "torch_float": "torch", "triton_cuda": "triton"}
@@ -180,15 +181,18 @@ def prediction_mismatches(model: BNN, engine: Callable[[torch.Tensor], torch.Ten
 
 
 def run_benchmark(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads: int,
-                  warmup: int, repeats: int, check_images: torch.Tensor | None = None
-                  ) -> dict[str, Any]:
+                  warmup: int, repeats: int, check_images: torch.Tensor | None = None,
+                  batch_sizes: list[int] | None = None) -> dict[str, Any]:
     """models: {"baseline": BNN, "pruned": BNN} in eval mode; images: normalised float32
     (N, C, H, W), the first `batch_size` are timed; `check_images` (default `images`) are run
-    through both torch and the engine to count prediction mismatches. Thread counts are
-    restored afterwards."""
+    through both torch and the engine to count prediction mismatches; `batch_sizes`: the
+    whole-model latency table (`by_batch`) at these too. Thread counts are restored afterwards."""
     saved = torch.get_num_threads(), numba.get_num_threads()
     try:
-        return _run(models, images, batch_size, threads, warmup, repeats, check_images)
+        result = _run(models, images, batch_size, threads, warmup, repeats, check_images)
+        result["by_batch"] = by_batch(models, images, batch_sizes or [batch_size], result,
+                                      warmup, repeats)
+        return result
     finally:
         torch.set_num_threads(saved[0])
         numba.set_num_threads(saved[1])
@@ -301,6 +305,48 @@ def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads:
     }
 
 
+def batch_of(images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The first `batch_size` images, repeated when there are fewer."""
+    return images.repeat(-(-batch_size // len(images)), 1, 1, 1)[:batch_size].contiguous()
+
+
+def by_batch(models: dict[str, BNN], images: torch.Tensor, batch_sizes: list[int],
+             result: dict[str, Any], warmup: int, repeats: int) -> dict[str, dict[str, Any]]:
+    """Baseline vs pruned whole-model latency of torch float and the packed engine at each batch
+    size, interleaved per batch size: {"batch_<b>": {backend: row}}, a row holding median and
+    min ms of both models, the speedup of the medians and of the minimums, the work ratio the
+    backend executes (MACs for torch float, OPs for the engine) and the speedup's share of it.
+    The headline batch size reuses `result`'s rounds instead of timing again."""
+    engines = {name: PackedModel.from_model(m) for name, m in models.items()}
+    out: dict[str, dict[str, Any]] = {}
+    for bs in batch_sizes:
+        if bs == result["config"]["batch_size"]:
+            stats = {f"{n}/{b}": m[b] for n, m in result["models"].items()
+                     for b in ("torch_float", "packed_cpu")}
+        else:
+            x = batch_of(images, bs)
+            fns: dict[str, Callable[[], Any]] = {}
+            for name, m in models.items():
+                fns[f"{name}/torch_float"] = lambda m=m, x=x: m(x)
+                fns[f"{name}/packed_cpu"] = lambda e=engines[name], x=x: e(x)
+            with torch.no_grad():
+                times = time_interleaved(fns, warmup, repeats)
+            stats = {k: summarize(v, bs) for k, v in times.items()}
+        rows = {}
+        for b in ("torch_float", "packed_cpu"):
+            base, pruned = stats[f"baseline/{b}"], stats[f"pruned/{b}"]
+            speedup = base["latency_ms_median"] / pruned["latency_ms_median"]
+            ratio = result["work_ratio"][b]
+            rows[b] = {"baseline_ms": base["latency_ms_median"],
+                       "baseline_ms_min": base["latency_ms_min"],
+                       "pruned_ms": pruned["latency_ms_median"],
+                       "pruned_ms_min": pruned["latency_ms_min"], "speedup": speedup,
+                       "speedup_of_min_ms": base["latency_ms_min"] / pruned["latency_ms_min"],
+                       "work_ratio": ratio, "share_of_work_ratio": speedup / ratio}
+        out[f"batch_{bs}"] = rows
+    return out
+
+
 def latency_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows for the plot CSV: one per (backend, model) that ran."""
     return [{"label": f"{b}: {name}", "backend": b, "model": name,
@@ -334,11 +380,18 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
             out[f"packed_cpu/{key}{b_}"] = layers[key]
         out["peak_binary_macs_per_s"] = layers["peak_binary_macs_per_s"]["median"]
         for row in layers["rows"]:
-            layer = row["name"].replace(".", "_")
+            layer = layer_segment(row["name"])
             out[f"layer/{layer}/baseline_ms{b_}"] = row["baseline_ms"]
             out[f"layer/{layer}/pruned_ms{b_}"] = row["pruned_ms"]
             if row["binary"]:
                 out[f"layer/{layer}/baseline_pct_of_peak"] = row["baseline_pct_of_peak"]
+    for batch, rows in result.get("by_batch", {}).items():
+        bb = f"_b{batch.removeprefix('batch_')}"
+        for b, r in rows.items():
+            out[f"baseline/{b}/latency_ms{bb}"] = r["baseline_ms"]
+            out[f"pruned/{b}/latency_ms{bb}"] = r["pruned_ms"]
+            out[f"speedup/{b}{bb}"] = r["speedup"]
+            out[f"speedup_vs_work_ratio/{b}{bb}"] = r["share_of_work_ratio"]
     return out
 
 

@@ -122,6 +122,9 @@ class BenchmarkConfig:
     threads: int = field(default=2, metadata=_range(0, 1024))  # torch + numba; 0 = default
     warmup: int = field(default=3, metadata=_range(0, 10000))
     repeats: int = field(default=20, metadata=_range(1, 100000))
+    # whole-model latency of every backend at these batch sizes too (the speed table)
+    latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 64, 256],
+                                           metadata=_range(1, 65536))
 
 
 @dataclass(frozen=True)

@@ -99,40 +99,56 @@ def model_costs(config: dict, test_acc: float) -> dict[str, float]:
             "ops": total["ops"], "size_bytes": total["size_bytes"]}
 
 
-def speedup_batches(benchmark: dict, export: dict) -> dict[str, int]:
-    """The batch size each backend's speedup was measured at: the benchmark's for the torch
-    and packed/Triton engines, the largest of export.latency_batch_sizes for onnxruntime."""
+def speedups(benchmark: dict, export: dict) -> dict[str, Any]:
+    """One pass over the benchmark's backends and onnxruntime's timings (its largest batch size):
+    per backend the speedup pruned vs baseline of the medians (`speedup`, None when it did not
+    run, with the reason in `unavailable`) and of the minimums, the batch size, and the latency
+    rows {backend, baseline_ms, pruned_ms} of the plot."""
+    out: dict[str, Any] = {"speedup": {}, "speedup_of_min_ms": {}, "batch": {},
+                           "unavailable": {}, "rows": []}
     batch = benchmark.get("config", {}).get("batch_size")
-    out = {backend: batch for backend in _get(benchmark, "backends", INPUTS["benchmark"][0])}
+    for backend, r in _get(benchmark, "backends", INPUTS["benchmark"][0]).items():
+        out["batch"][backend] = batch
+        out["speedup_of_min_ms"][backend] = r.get("speedup_of_min_ms")
+        if r.get("speedup") is None:
+            out["speedup"][backend] = None
+            out["unavailable"][backend] = r.get("reason") or r.get("skipped") or "did not run"
+            continue
+        out["speedup"][backend] = float(r["speedup"])
+        out["rows"].append({"backend": f"{backend} (batch {batch})" if batch else backend,
+                            "baseline_ms": r["baseline_ms"], "pruned_ms": r["pruned_ms"]})
     models = _get(export, "models", INPUTS["export"][0])
-    out["onnxruntime"] = max(int(k.split("_")[-1]) for k in models["pruned"]["latency_ms"])
+    key = max(models["pruned"]["latency_ms"], key=lambda k: int(k.split("_")[-1]))
+    out["batch"]["onnxruntime"] = int(key.split("_")[-1])
+    out["speedup"]["onnxruntime"] = _get(export, "speedup", INPUTS["export"][0])[key]
+    out["rows"].append({"backend": f"onnxruntime ({key.replace('_', ' ')})",
+                        "baseline_ms": models["baseline"]["latency_ms"][key],
+                        "pruned_ms": models["pruned"]["latency_ms"][key]})
     return out
 
 
-def speedups(benchmark: dict, export: dict) -> tuple[dict, dict, list[dict]]:
-    """Per backend: speedup pruned vs baseline (None when the backend did not run), the
-    reason for each None, and latency rows {backend, baseline_ms, pruned_ms} for the plot."""
-    speedup: dict[str, float | None] = {}
-    unavailable: dict[str, str] = {}
-    rows: list[dict[str, Any]] = []
-    src = INPUTS["benchmark"][0]
-    for backend, r in _get(benchmark, "backends", src).items():
-        if r.get("speedup") is None:
-            speedup[backend] = None
-            unavailable[backend] = r.get("reason") or r.get("skipped") or "did not run"
-            continue
-        speedup[backend] = float(r["speedup"])
-        batch = benchmark.get("config", {}).get("batch_size")
-        rows.append({"backend": f"{backend} (batch {batch})" if batch else backend,
-                     "baseline_ms": r["baseline_ms"],
-                     "pruned_ms": r["pruned_ms"]})
+def latency_by_batch(benchmark: dict, export: dict) -> list[dict[str, Any]]:
+    """The speed table: per backend (torch float, packed engine, onnxruntime) and batch size,
+    baseline and pruned ms (median and min), the speedup of the medians and of the minimums,
+    the work ratio that backend executes and the speedup's share of it. Benchmarks older than
+    `by_batch` give no torch/engine rows."""
+    rows = [{"backend": b, "batch": int(batch.removeprefix("batch_")), "work": work, **r}
+            for batch, by in benchmark.get("by_batch", {}).items()
+            for b, work in (("torch_float", "MACs"), ("packed_cpu", "OPs")) for r in [by[b]]]
     models = _get(export, "models", INPUTS["export"][0])
-    batch = max(models["pruned"]["latency_ms"], key=lambda k: int(k.split("_")[-1]))
-    speedup["onnxruntime"] = _get(export, "speedup", INPUTS["export"][0])[batch]
-    rows.append({"backend": f"onnxruntime ({batch.replace('_', ' ')})",
-                 "baseline_ms": models["baseline"]["latency_ms"][batch],
-                 "pruned_ms": models["pruned"]["latency_ms"][batch]})
-    return speedup, unavailable, rows
+    base, pruned = models["baseline"], models["pruned"]
+    for key in sorted(pruned["latency_ms"], key=lambda k: int(k.split("_")[-1])):
+        speedup = base["latency_ms"][key] / pruned["latency_ms"][key]
+        lows = (base.get("latency_ms_min", {}).get(key), pruned.get("latency_ms_min", {}).get(key))
+        rows.append({"backend": "onnxruntime", "batch": int(key.split("_")[-1]), "work": "MACs",
+                     "baseline_ms": base["latency_ms"][key], "baseline_ms_min": lows[0],
+                     "pruned_ms": pruned["latency_ms"][key], "pruned_ms_min": lows[1],
+                     "speedup": speedup,
+                     "speedup_of_min_ms": lows[0] / lows[1] if None not in lows else None,
+                     "work_ratio": export.get("mac_ratio"),
+                     "share_of_work_ratio": speedup / export["mac_ratio"]
+                     if export.get("mac_ratio") else None})
+    return rows
 
 
 def build_summary(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -141,7 +157,7 @@ def build_summary(inputs: dict[str, Any]) -> dict[str, Any]:
     pruned_acc = _get(inputs["finetune"], "test_acc", INPUTS["finetune"][0])
     baseline = model_costs(inputs["baseline_model"], base_acc)
     pruned = model_costs(inputs["pruned_model"], pruned_acc)
-    speedup, unavailable, _ = speedups(inputs["benchmark"], inputs["export"])
+    speed = speedups(inputs["benchmark"], inputs["export"])
     study = inputs["study"]
     layers = [{"layer": name, "p_l": r.get("p"), "channels_before": r["channels_before"],
                "channels_after": r["channels_after"], "bops_before": r["bops_before"],
@@ -161,13 +177,12 @@ def build_summary(inputs: dict[str, Any]) -> dict[str, Any]:
                       "size_pct": reduction_pct(baseline["size_bytes"], pruned["size_bytes"])},
         "acc_drop_pt": 100 * (base_acc - pruned_acc),
         "ops_ratio": baseline["ops"] / pruned["ops"],
-        "speedup": speedup,
+        "speedup": speed["speedup"],
         # of the minimum latencies: the least disturbed by other jobs (the gate checks it)
-        "speedup_of_min_ms": {
-            k: r.get("speedup_of_min_ms")
-            for k, r in _get(inputs["benchmark"], "backends", INPUTS["benchmark"][0]).items()},
-        "speedup_batch_size": speedup_batches(inputs["benchmark"], inputs["export"]),
-        "speedup_unavailable": unavailable,
+        "speedup_of_min_ms": speed["speedup_of_min_ms"],
+        "speedup_batch_size": speed["batch"],
+        "speedup_unavailable": speed["unavailable"],
+        "latency_by_batch": latency_by_batch(inputs["benchmark"], inputs["export"]),
         "bnn_vs_float": bnn_vs_float(inputs["benchmark"]),
         "study": {"setting": _get(study, "setting", INPUTS["study"][0]),
                   "verdict": _get(study, "verdict", INPUTS["study"][0])},
@@ -228,6 +243,19 @@ def markdown(s: dict[str, Any], study_md: str = "", layers_md: str = "") -> str:
         share = _fmt(None if v is None else v / ratio, ".2f")
         lines.append(f"| {backend} | {_fmt(v, '.2f')}{'x' if v is not None else ''} | {share} "
                      f"| {note} |")
+    if s.get("latency_by_batch"):
+        lines += ["", "Per backend and batch size (median ms, min in brackets); the work ratio is "
+                  "what the backend executes: MACs (BOPs + FLOPs: every binary layer runs as a "
+                  "float layer) for torch float and onnxruntime, OPs for the packed engine.", "",
+                  "| backend | batch | baseline ms | pruned ms | speedup (of min) | work ratio "
+                  "| share of it |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in s["latency_by_batch"]:
+            lines.append(
+                f"| {r['backend']} | {r['batch']} | {r['baseline_ms']:.3f} "
+                f"[{_fmt(r['baseline_ms_min'], '.3f')}] | {r['pruned_ms']:.3f} "
+                f"[{_fmt(r['pruned_ms_min'], '.3f')}] | {r['speedup']:.2f}x "
+                f"({_fmt(r['speedup_of_min_ms'], '.2f')}x) | {r['work']} "
+                f"{_fmt(r['work_ratio'], '.3f')} | {_fmt(r['share_of_work_ratio'], '.2f')} |")
     bf = s["bnn_vs_float"]
     mism = ", ".join(f"{n} {m}" for n, m in bf.get("prediction_mismatches", {}).items())
     lines += ["", f"Packed CPU engine vs torch float32 on the same model: "
@@ -254,7 +282,7 @@ def write_report(root: str | Path = ".",
     root = Path(root)
     inputs = inputs if inputs is not None else load_inputs(root)
     summary = build_summary(inputs)
-    _, _, latency_rows = speedups(inputs["benchmark"], inputs["export"])
+    latency_rows = speedups(inputs["benchmark"], inputs["export"])["rows"]
     save_json(root / SUMMARY_JSON, summary)
     save_json(root / METRICS_JSON, {k: round(v, 6) for k, v in dvc_metrics(summary).items()})
     bench = inputs["benchmark"]
