@@ -187,6 +187,34 @@ def test_export_and_check_times_both_models_side_by_side(tmp_path, test_split):
     assert result["speedup_vs_mac_ratio"]["batch_16"] == pytest.approx(
         result["speedup"]["batch_16"] / ratio, rel=1e-3)
     assert len(result["load_average"]["before"]) == 3
+    executed = [result["models"][n]["onnxruntime_convs"]["executed_macs"]
+                for n in ("baseline", "pruned")]
+    assert result["executed_mac_ratio"] == pytest.approx(executed[0] / executed[1])
+
+
+def test_executed_convs_read_the_channel_padding_off_onnxruntimes_graph(pruned):
+    model, path = pruned
+    e = export.executed_convs(path, model, threads=1)
+    from bnnprune.ops import count_ops
+
+    convs = [r for r in count_ops(model)["layers"] if r["kind"] == "conv"]
+    assert e["conv_layers"] == len(convs) == 6
+    assert e["nchwc_layers"] >= 5  # the fast path (a 1-channel input may take another)
+    for r in convs:
+        layer = e["layers"][r["name"]]
+        assert layer["channels"] == [r["in_channels"], r["out_channels"]]
+        cin, cout = layer["executed_channels"]
+        assert cin >= r["in_channels"] and cout >= r["out_channels"]
+        if layer["nchwc"]:  # NCHWc blocks are 8 (AVX2) or 16 (AVX-512) channels; a small
+            # input may stay NCHW (the conv reads it unblocked)
+            assert cout % 8 == 0 and (cin % 8 == 0 or cin == r["in_channels"]), layer
+        assert layer["executed_macs"] == layer["macs"] * cin * cout // (
+            r["in_channels"] * r["out_channels"])
+    padded = e["layers"]["blocks.1"]  # 5 output channels: padded to a whole block
+    assert padded["executed_channels"][1] > 5 and padded["executed_macs"] > padded["macs"]
+    total = count_ops(model)["total"]
+    assert e["executed_macs"] == total["bops"] + total["flops"] + sum(
+        v["executed_macs"] - v["macs"] for v in e["layers"].values())
 
 
 def test_logged_mlflow_model_has_signature_and_runs(pruned, tmp_path, monkeypatch):

@@ -147,7 +147,14 @@ def test_latency_table_per_backend_and_batch(workspace, summary):
     assert ort["speedup"] == pytest.approx(ort["baseline_ms"] / ort["pruned_ms"])
     assert ort["work_ratio"] == export["mac_ratio"] and ort["work"] == "MACs"
     assert ort["share_of_work_ratio"] == pytest.approx(ort["speedup"] / export["mac_ratio"])
+    assert ort["executed_work_ratio"] == export["executed_mac_ratio"]
+    padded = summary["onnxruntime_convs"]["pruned"]["padded"]
+    for layer, (true, executed) in padded.items():
+        e = export["models"]["pruned"]["onnxruntime_convs"]["layers"][layer]
+        assert true == e["channels"] != executed == e["executed_channels"]
     md = (workspace / report.SUMMARY_MD).read_text()
+    assert f"MACs onnxruntime executes after that padding: ratio {ort['executed_work_ratio']:.3f}" \
+        in md
     assert "| packed_cpu | 1 | 1.000 [0.900] | 0.625 [0.600] | 1.60x (1.50x) | OPs 1.300 | 1.23 |" \
         in md
 

@@ -211,6 +211,41 @@ def session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def executed_convs(path: str | Path, model: BNN, threads: int = 0) -> dict[str, Any]:
+    """How onnxruntime's optimised graph runs the model's convolutions: whether each takes the
+    NCHWc fast path (domain com.microsoft.nchwc), the channel counts it pads them to (NCHWc
+    blocks: 8 with AVX2, 16 with AVX-512) and the MACs it then executes, per layer and in all
+    (`count_ops`' MACs scaled by the padded / true weight shape; non-conv layers unchanged)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(options.optimized_model_filepath).graph
+    shapes = {init.name: list(init.dims) for init in graph.initializer}
+    convs = [(n.domain, shapes[n.input[1]]) for n in graph.node if n.op_type == "Conv"
+             and all(a.i == 1 for a in n.attribute if a.name == "group")]  # not BN as 1x1
+    rows = [r for r in count_ops(model)["layers"] if r["kind"] == "conv"]
+    if len(convs) != len(rows):
+        raise ExportError(f"{path}: onnxruntime's graph has {len(convs)} convolutions, the "
+                          f"model {len(rows)}")
+    layers, extra = {}, 0
+    for r, (domain, (out_p, in_p, *_)) in zip(rows, convs, strict=True):
+        macs = r["bops"] + r["flops"]
+        executed = macs * out_p * in_p // (r["out_channels"] * r["in_channels"])
+        extra += executed - macs
+        layers[r["name"]] = {"nchwc": domain == "com.microsoft.nchwc",
+                             "channels": [r["in_channels"], r["out_channels"]],
+                             "executed_channels": [in_p, out_p], "macs": macs,
+                             "executed_macs": executed}
+    total = count_ops(model)["total"]
+    return {"conv_layers": len(rows), "nchwc_layers": sum(v["nchwc"] for v in layers.values()),
+            "layers": layers, "executed_macs": total["bops"] + total["flops"] + extra}
+
+
 def run_onnx(sess: ort.InferenceSession, images: torch.Tensor,
              batch_size: int = 500) -> np.ndarray:
     """uint8 images (N, C, H, W) -> logits (N, classes) from onnxruntime."""
@@ -332,6 +367,13 @@ def export_and_check(models: dict[str, tuple[BNN, str | Path]], test: Split, car
         result["mac_ratio"] = mac_ratio
         result["speedup_vs_mac_ratio"] = {k: round(v / mac_ratio, 4)
                                           for k, v in result["speedup"].items()}
+        # the same after onnxruntime's NCHWc padding of channel counts (a diagnosis)
+        executed = {name: executed_convs(path, model, cfg.threads)
+                    for name, (model, path) in models.items()}
+        for name, e in executed.items():
+            result["models"][name]["onnxruntime_convs"] = e
+        result["executed_mac_ratio"] = (executed["baseline"]["executed_macs"]
+                                        / executed["pruned"]["executed_macs"])
     result["parity_passed"] = all(m["parity"]["passed"] for m in result["models"].values())
     return result
 

@@ -147,8 +147,24 @@ def latency_by_batch(benchmark: dict, export: dict) -> list[dict[str, Any]]:
                      "speedup_of_min_ms": lows[0] / lows[1] if None not in lows else None,
                      "work_ratio": export.get("mac_ratio"),
                      "share_of_work_ratio": speedup / export["mac_ratio"]
-                     if export.get("mac_ratio") else None})
+                     if export.get("mac_ratio") else None,
+                     "executed_work_ratio": export.get("executed_mac_ratio")})
     return rows
+
+
+def onnxruntime_convs(export: dict) -> dict[str, Any]:
+    """Per model: how many convolutions take onnxruntime's NCHWc path, and the layers whose
+    channel counts it pads ({layer: [[in, out], [in, out] executed]}); exports older than
+    `executed_convs` give {}."""
+    out = {}
+    for name, m in _get(export, "models", INPUTS["export"][0]).items():
+        if "onnxruntime_convs" in m:
+            e = m["onnxruntime_convs"]
+            out[name] = {"conv_layers": e["conv_layers"], "nchwc_layers": e["nchwc_layers"],
+                         "padded": {k: [v["channels"], v["executed_channels"]]
+                                    for k, v in e["layers"].items()
+                                    if v["channels"] != v["executed_channels"]}}
+    return out
 
 
 def build_summary(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -183,6 +199,7 @@ def build_summary(inputs: dict[str, Any]) -> dict[str, Any]:
         "speedup_batch_size": speed["batch"],
         "speedup_unavailable": speed["unavailable"],
         "latency_by_batch": latency_by_batch(inputs["benchmark"], inputs["export"]),
+        "onnxruntime_convs": onnxruntime_convs(inputs["export"]),
         "bnn_vs_float": bnn_vs_float(inputs["benchmark"]),
         "study": {"setting": _get(study, "setting", INPUTS["study"][0]),
                   "verdict": _get(study, "verdict", INPUTS["study"][0])},
@@ -256,6 +273,18 @@ def markdown(s: dict[str, Any], study_md: str = "", layers_md: str = "") -> str:
                 f"[{_fmt(r['pruned_ms_min'], '.3f')}] | {r['speedup']:.2f}x "
                 f"({_fmt(r['speedup_of_min_ms'], '.2f')}x) | {r['work']} "
                 f"{_fmt(r['work_ratio'], '.3f')} | {_fmt(r['share_of_work_ratio'], '.2f')} |")
+    for name, c in s.get("onnxruntime_convs", {}).items():
+        pads = "; ".join(f"{k} {a[0]}/{a[1]} -> {b[0]}/{b[1]}" for k, (a, b) in c["padded"].items())
+        lines.append(f"\nonnxruntime, {name}: {c['nchwc_layers']} of {c['conv_layers']} "
+                     f"convolutions on its NCHWc fast path; channels (in/out) it pads to its "
+                     f"block: {pads or 'none'}.")
+    executed = next((r["executed_work_ratio"] for r in s.get("latency_by_batch", [])
+                     if r.get("executed_work_ratio")), None)
+    if executed:
+        shares = ", ".join(f"batch {r['batch']} {r['speedup'] / executed:.2f}"
+                           for r in s["latency_by_batch"] if r["backend"] == "onnxruntime")
+        lines.append(f"MACs onnxruntime executes after that padding: ratio {executed:.3f}; its "
+                     f"speedups as a share of it: {shares}.")
     bf = s["bnn_vs_float"]
     mism = ", ".join(f"{n} {m}" for n, m in bf.get("prediction_mismatches", {}).items())
     lines += ["", f"Packed CPU engine vs torch float32 on the same model: "
