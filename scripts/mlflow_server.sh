@@ -74,7 +74,9 @@ start_mlflow() {
   if pid=$(mlflow_pid); then echo "MLflow server already running (pid $pid) at $URI"; return; fi
   python3 - "$MLFLOW_PORT" <<'EOF' || die "port $MLFLOW_PORT on 127.0.0.1 is in use; set MLFLOW_PORT"
 import socket, sys
-s = socket.socket(); s.bind(("127.0.0.1", int(sys.argv[1]))); s.close()
+s = socket.socket()  # SO_REUSEADDR as the server sets it: a just-stopped server's TIME_WAIT
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections do not block a restart
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.close()
 EOF
   mkdir -p "$DATA/artifacts"
   # the database URI (no password: libpq reads PGPASSFILE) goes in the environment, not argv
