@@ -85,3 +85,48 @@ def test_training_mode_rejected():
     model = tiny_bnn("cnn", [1, 28, 28], 0.25).train()
     with pytest.raises(ValueError, match="eval mode"):
         PackedModel.from_model(model)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7, 64])
+def test_chunked_threads_match_per_layer_path(batch):
+    """Whole-network batch chunks, one thread each (serial kernels), give the per-layer
+    parallel path's logits exactly, for odd splits and more chunks than images too; batch <
+    threads takes the per-layer path; `times` gets the same keys either way."""
+    import numba
+
+    model = tiny_bnn("cnn", [1, 28, 28], 0.25, [8, 5, 13, 7, 3, 9])
+    chunked = PackedModel.from_model(model)
+    layered = PackedModel.from_model(model, chunked=False)
+    assert chunked.chunkable and not layered.chunked
+    x = torch.randn(batch, 1, 28, 28)
+    saved = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        want = layered(x)
+        t_chunked, t_layered = {}, {}
+        got = chunked(x, t_chunked)
+        layered(x, t_layered)
+        assert torch.equal(chunked(x), got)  # buffers reused per chunk
+    finally:
+        numba.set_num_threads(saved)
+    assert torch.equal(got, want)
+    keys = {f"blocks.{i}" for i in range(6)} | {"classifier"}
+    assert set(t_chunked) == set(t_layered) == keys
+    for chunks in (3, 5):  # direct: more chunks than cores, uneven chunks
+        if batch >= chunks:
+            times = {}
+            assert torch.equal(chunked._run_chunked(x, chunks, times), want)
+            assert set(times) == keys
+
+
+def test_serial_kernel_twins_match_parallel():
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 2**63, (13, 5), dtype=np.uint64)
+    w = rng.integers(0, 2**63, (5, 24), dtype=np.uint64)
+    np.testing.assert_array_equal(cpu.binary_gemm(a, w, 300, serial=True),
+                                  cpu.binary_gemm(a, w, 300))
+    x = rng.standard_normal((3, 2, 9, 11)).astype(np.float32)
+    wf = rng.standard_normal((10, 2, 3, 3)).astype(np.float32)
+    al, be = rng.standard_normal(10).astype(np.float32), rng.standard_normal(10).astype(np.float32)
+    np.testing.assert_array_equal(cpu.float_conv_sign(x, wf, al, be, 2, 1, serial=True),
+                                  cpu.float_conv_sign(x, wf, al, be, 2, 1))
