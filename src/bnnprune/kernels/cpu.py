@@ -26,6 +26,7 @@ from bnnprune.kernels.pack import Array, as_numpy, conv_weight_matrix, n_words
 
 ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 ROWS = 4  # activation rows per GEMM block: each weight word loaded once feeds 4 rows
+TASKS = 64  # work blocks of the float stem: each allocates its scratch once
 LANES = 8  # uint64 lanes of an AVX-512 vector: weights are padded to whole vectors of M
 
 
@@ -500,34 +501,48 @@ def _float_conv_sign(x, wt, alpha, beta, stride, pad, kh, kw, out):
     """sign(alpha * conv(x, w) + beta) with zero padding -> packed channels-last bits.
 
     x (B, Cin, H, W) float32; wt (Cin * kh * kw, Cout) float32, tap-major; out
-    (B, OH, OW, Cout_words) uint64, bit = (alpha * acc + beta >= 0)."""
+    (B, OH, OW, Cout_words) uint64, bit = (alpha * acc + beta >= 0).
+
+    Each task takes a block of output rows (image * OH + y) with its scratch allocated once:
+    the kh input rows an output row reads, zero padded (so the tap loops have no bounds
+    tests), and the (OW, Cout) sums, whose inner loop over Cout vectorises. Every sum adds its
+    taps in the order (c, i, j) starting from 0, as before the padding: a padded tap adds
+    +-0.0 to a sum that is never -0.0, so the bits are the same."""
     b, cin, h, w = x.shape
     _, oh, ow, cw = out.shape
     cout = wt.shape[1]
-    for bo in prange(b * oh):
-        bi, oy = bo // oh, bo % oh
-        acc = np.zeros((ow, cout), np.float32)  # (OW, Cout): inner loop over Cout vectorises
-        for c in range(cin):
-            for i in range(kh):
-                iy = oy * stride + i - pad
-                if iy < 0 or iy >= h:
-                    continue
-                for j in range(kw):
-                    tap = (c * kh + i) * kw + j
-                    for ox in range(ow):
-                        ix = ox * stride + j - pad
-                        if 0 <= ix < w:
-                            xv = x[bi, c, iy, ix]
+    wp = (ow - 1) * stride + kw  # padded row length the taps reach
+    n = b * oh
+    per = (n + TASKS - 1) // TASKS
+    for task in prange((n + per - 1) // per):
+        xp = np.zeros((cin, kh, wp), np.float32)
+        acc = np.empty((ow, cout), np.float32)  # (OW, Cout): inner loop over Cout vectorises
+        for bo in range(task * per, min(n, (task + 1) * per)):
+            bi, oy = bo // oh, bo % oh
+            for c in range(cin):
+                for i in range(kh):
+                    iy = oy * stride + i - pad
+                    for ix in range(wp):
+                        xx = ix - pad
+                        inside = 0 <= iy < h and 0 <= xx < w
+                        xp[c, i, ix] = x[bi, c, iy, xx] if inside else np.float32(0)
+            acc[:] = 0
+            for c in range(cin):
+                for i in range(kh):
+                    for j in range(kw):
+                        tap = (c * kh + i) * kw + j
+                        for ox in range(ow):
+                            xv = xp[c, i, ox * stride + j]
                             for co in range(cout):
                                 acc[ox, co] += xv * wt[tap, co]
-        for ox in range(ow):
-            for q in range(cw):
-                base = 64 * q
-                word = np.uint64(0)
-                for j in range(min(64, cout - base)):
-                    hit = acc[ox, base + j] * alpha[base + j] + beta[base + j] >= 0
-                    word |= np.uint64(hit) << np.uint64(j)
-                out[bi, oy, ox, q] = word
+            for ox in range(ow):
+                for q in range(cw):
+                    base = 64 * q
+                    word = np.uint64(0)
+                    for j in range(min(64, cout - base)):
+                        hit = acc[ox, base + j] * alpha[base + j] + beta[base + j] >= 0
+                        word |= np.uint64(hit) << np.uint64(j)
+                    out[bi, oy, ox, q] = word
     return out
 
 
