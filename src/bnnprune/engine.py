@@ -315,9 +315,11 @@ class PackedModel:
             self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="packed-chunk")
             self._pool_size = threads - 1
 
+        xn = np.ascontiguousarray(x.detach().numpy(), np.float32)  # chunks: numpy views
+
         def run(i: int) -> None:
             lo, hi = bounds[i], bounds[i + 1]
-            self._run(x[lo:hi], laps[i], True, i + 1, logits[lo:hi])
+            self._run(xn[lo:hi], laps[i], True, i + 1, logits[lo:hi])
 
         futures = [self._pool.submit(run, i) for i in range(1, threads)]
         run(0)
@@ -333,7 +335,7 @@ class PackedModel:
     def _torch(self, step: _Step, h: torch.Tensor, serial: bool, slot: int) -> torch.Tensor:
         return step.block(h)
 
-    def _stem(self, step: _Step, h: torch.Tensor, serial: bool = False, slot: int = 0
+    def _stem(self, step: _Step, h: torch.Tensor | np.ndarray, serial: bool = False, slot: int = 0
               ) -> np.ndarray:
         w, alpha, beta = step.stem
         layer = step.block.layer
