@@ -31,28 +31,17 @@ Per block of the model (layer -> pool -> BatchNorm):
   torch op runs at inference and the cores are never handed between two thread pools.
 Blocks none of this covers (average pooling between binary layers) run as torch modules.
 Threads: the kernels obey `numba.set_num_threads`, torch fallbacks `torch.set_num_threads`.
-With n = numba.get_num_threads() > 1, a batch of at least n images and every step in numba
-(stem, fused binary layers, numba tail: `chunkable`), the batch is cut into n contiguous chunks
-and each runs the whole network in its own thread (the caller's and a small thread pool's) on
-the serial, GIL-free twins of the kernels: no fork/join per layer, and each chunk's activations
-stay in its core's cache. Otherwise (batch 1, `chunked=False`) the layers run one after another,
-each kernel parallel inside. Both give the same logits (the kernels are the same code).
 Per-layer time: `engine(x, times)` adds each layer's seconds to the dict `times`, keyed as
 `ops.count_ops` names its rows (`blocks.<i>`, `classifier`: the head and classifier), so time
-and work line up layer by layer; a block's im2col, GEMM, pooling and packing count to it. On
-the chunked path every chunk clocks its own layers and a layer is credited the mean over the
-chunks (they run at the same time, so that is its share of the wall time); handing the chunks
-to the threads and waiting for them is not in any layer.
+and work line up layer by layer; a block's im2col, GEMM, pooling and packing count to it.
 """
 
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numba
 import numpy as np
 import torch
 from torch import nn
@@ -118,7 +107,7 @@ class _Step(LayerStep):
     buffers: dict = field(default_factory=dict)
     name: str = ""  # `blocks.<i>`, as `ops.count_ops` names the layer
 
-    def buffer(self, name: Any, shape: tuple[int, ...], dtype) -> np.ndarray:
+    def buffer(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
         buf = self.buffers.get(name)
         if buf is None or buf.shape != shape:
             buf = self.buffers[name] = np.empty(shape, dtype)
@@ -201,16 +190,13 @@ def _sign_pm1(w: torch.Tensor) -> np.ndarray:
 class PackedModel:
     """A `BNN` in eval mode compiled for the packed CPU kernels (see the module doc)."""
 
-    def __init__(self, model: BNN, steps: list[_Step], chunked: bool = True):
+    def __init__(self, model: BNN, steps: list[_Step]):
         self.model = model
         self.steps = steps
-        self.chunked = chunked  # batch >= threads: whole network per batch chunk and thread
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_size = 0
 
     @classmethod
     @torch.no_grad()
-    def from_model(cls, model: BNN, fuse: bool = True, chunked: bool = True) -> PackedModel:
+    def from_model(cls, model: BNN, fuse: bool = True) -> PackedModel:
         if model.training:
             raise ValueError("PackedModel.from_model: put the model in eval mode first")
         blocks = list(model.blocks)
@@ -255,39 +241,21 @@ class PackedModel:
             last = steps[-1]
             if last.kind in ("conv", "linear") and last.fused is None:
                 last.tail = _tail_params(last, model)
-        return cls(model, steps, chunked)
-
-    @property
-    def chunkable(self) -> bool:
-        """Whether every step runs in numba (stem, fused binary layers, numba tail), so whole
-        batch chunks can run in parallel threads without any torch op."""
-        return all(s.kind == "stem" or (s.kind in ("conv", "linear")
-                                        and (s.fused is not None or s.tail is not None))
-                   for s in self.steps) and self.steps[-1].tail is not None
+        return cls(model, steps)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, times: dict[str, float] | None = None) -> torch.Tensor:
         """x (B, C, H, W) float32 -> logits (B, classes); `times`, if given, gets each layer's
         seconds added (keys `blocks.<i>` and `classifier`)."""
-        threads = numba.get_num_threads()
-        if self.chunked and threads > 1 and x.shape[0] >= threads and self.chunkable:
-            return self._run_chunked(x, threads, times)
-        return self._run(x, times, serial=False, slot=0)
-
-    def _run(self, x: torch.Tensor, times: dict[str, float] | None, serial: bool, slot: int,
-             out: np.ndarray | None = None) -> torch.Tensor:
-        """The steps one after another on x: kernels parallel inside each layer, or serial (a
-        chunk's thread); `slot` keeps the buffers of concurrent chunks apart; `out` receives
-        the logits when the numba tail computes them."""
         clock = time.perf_counter()
         h: torch.Tensor | np.ndarray = x
         for step in self.steps:
-            h = getattr(self, f"_{step.kind}")(step, h, serial, slot)
+            h = getattr(self, f"_{step.kind}")(step, h)
             if times is not None:
                 clock = _lap(times, step.name, clock)
         last = self.steps[-1]
         if last.tail is not None:
-            logits = self._classify(last, h, serial, out)  # h: the last layer's int32 outputs
+            logits = self._classify(last, h)  # h: the last layer's int32 outputs
         else:
             if self.model.head == "gap" and h.dim() == 4:
                 h = h.mean(dim=(2, 3))
@@ -296,76 +264,37 @@ class PackedModel:
             _lap(times, "classifier", clock)
         return logits
 
-    def _run_chunked(self, x: torch.Tensor, threads: int,
-                     times: dict[str, float] | None) -> torch.Tensor:
-        """The whole network on `threads` contiguous batch chunks, one thread each (serial GIL-free
-        kernels: no fork/join per layer, each chunk's activations stay in its core's cache).
-        The calling thread runs the first chunk. With `times`, each chunk clocks its own layers
-        and a layer gets the mean over the chunks of its seconds (the chunks run at the same
-        time, so that is the layer's share of the wall time); the thread hand-off is not
-        counted in any layer."""
-        b = x.shape[0]
-        bounds = np.linspace(0, b, threads + 1).round().astype(int)
-        classes = self.steps[-1].tail[4].shape[0]
-        logits = np.empty((b, classes), np.float32)
-        laps = [None if times is None else {} for _ in range(threads)]
-        if self._pool is None or self._pool_size != threads - 1:
-            if self._pool is not None:
-                self._pool.shutdown()
-            self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="packed-chunk")
-            self._pool_size = threads - 1
-
-        xn = np.ascontiguousarray(x.detach().numpy(), np.float32)  # chunks: numpy views
-
-        def run(i: int) -> None:
-            lo, hi = bounds[i], bounds[i + 1]
-            self._run(xn[lo:hi], laps[i], True, i + 1, logits[lo:hi])
-
-        futures = [self._pool.submit(run, i) for i in range(1, threads)]
-        run(0)
-        for f in futures:
-            f.result()
-        if times is not None:
-            for name in laps[0]:
-                times[name] = times.get(name, 0.0) + sum(lap[name] for lap in laps) / threads
-        return torch.from_numpy(logits)
-
     forward = __call__
 
-    def _torch(self, step: _Step, h: torch.Tensor, serial: bool, slot: int) -> torch.Tensor:
+    def _torch(self, step: _Step, h: torch.Tensor) -> torch.Tensor:
         return step.block(h)
 
-    def _stem(self, step: _Step, h: torch.Tensor | np.ndarray, serial: bool = False, slot: int = 0
-              ) -> np.ndarray:
+    def _stem(self, step: _Step, h: torch.Tensor) -> np.ndarray:
         w, alpha, beta = step.stem
         layer = step.block.layer
         b, _, hh, ww = h.shape
         kh, kw = w.shape[2:]
         oh = (hh + 2 * layer.padding[0] - kh) // layer.stride[0] + 1
         ow = (ww + 2 * layer.padding[1] - kw) // layer.stride[1] + 1
-        out = step.buffer(("bits", slot), (b, oh, ow, n_words(w.shape[0])), np.uint64)
-        bits = cpu.float_conv_sign(h, w, alpha, beta, layer.stride[0], layer.padding[0], out,
-                                   serial=serial)
-        return bits if step.maxpool is None else self._maxpool(step, bits, serial, slot)
+        out = step.buffer("bits", (b, oh, ow, n_words(w.shape[0])), np.uint64)
+        bits = cpu.float_conv_sign(h, w, alpha, beta, layer.stride[0], layer.padding[0], out)
+        return bits if step.maxpool is None else self._maxpool(step, bits)
 
-    def _maxpool(self, step: _Step, bits: np.ndarray, serial: bool, slot: int) -> np.ndarray:
+    def _maxpool(self, step: _Step, bits: np.ndarray) -> np.ndarray:
         k, stride, pad = step.maxpool
         b, h, w, cw = bits.shape
         shape = (b, (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1, cw)
         return cpu.maxpool_bits(bits, k, stride, pad, *step.masks,
-                                out=step.buffer(("pooled", slot), shape, np.uint64),
-                                serial=serial)
+                                out=step.buffer("pooled", shape, np.uint64))
 
-    def _classify(self, step: _Step, acc: np.ndarray, serial: bool = False,
-                  out: np.ndarray | None = None) -> torch.Tensor:
-        """acc (B, H, W, M) int32 channels-last -> logits (B, classes) (into `out` if given)."""
+    def _classify(self, step: _Step, acc: np.ndarray) -> torch.Tensor:
+        """acc (B, H, W, M) int32 channels-last -> logits (B, classes), a new tensor."""
         pool, alpha, beta, gap, weight, bias = step.tail
-        logits = np.empty((acc.shape[0], weight.shape[0]), np.float32) if out is None else out
-        cpu.classify(acc, *pool, alpha, beta, gap, weight, bias, logits, serial=serial)
+        logits = np.empty((acc.shape[0], weight.shape[0]), np.float32)
+        cpu.classify(acc, *pool, alpha, beta, gap, weight, bias, logits)
         return torch.from_numpy(logits)
 
-    def _conv(self, step: _Step, h: torch.Tensor | np.ndarray, serial: bool, slot: int
-              ) -> torch.Tensor | np.ndarray:
+    def _conv(self, step: _Step, h: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         xc = h if isinstance(h, np.ndarray) else cpu.pack_channels(h)  # (B, H, W, Cin_words)
         b, hh, ww, _ = xc.shape
         oh = (hh + 2 * step.pad - step.kh) // step.stride + 1
@@ -373,26 +302,25 @@ class PackedModel:
         m = step.words.shape[1]
         pw = cpu.PackedConvWeight(step.words, step.in_channels, step.kh, step.kw)
         if step.fused is not None:  # im2col + GEMM + BN-sign in one kernel, bits out
-            out = step.buffer(("bits", slot), (b * oh * ow, n_words(m)), np.uint64)
-            cpu.conv_packed(xc, pw, step.stride, step.pad, step.limits, out, serial=serial)
+            out = step.buffer("bits", (b * oh * ow, n_words(m)), np.uint64)
+            cpu.conv_packed(xc, pw, step.stride, step.pad, step.limits, out)
             bits = out.reshape(b, oh, ow, -1)  # packed channels-last: the next conv's input
-            return bits if step.maxpool is None else self._maxpool(step, bits, serial, slot)
-        acc = step.buffer(("acc", slot), (b * oh * ow, m), np.int32)
-        cpu.conv_packed(xc, pw, step.stride, step.pad, out=acc, serial=serial)
+            return bits if step.maxpool is None else self._maxpool(step, bits)
+        acc = step.buffer("acc", (b * oh * ow, m), np.int32)
+        cpu.conv_packed(xc, pw, step.stride, step.pad, out=acc)
         if step.tail is not None:
-            return acc.reshape(b, oh, ow, m)  # `_run` classifies (timed as `classifier`)
+            return acc.reshape(b, oh, ow, m)  # `__call__` classifies (timed as `classifier`)
         y = torch.from_numpy(acc).view(b, oh, ow, m).permute(0, 3, 1, 2).float()
         return step.block.bn(step.block.pool(y.contiguous()))
 
-    def _linear(self, step: _Step, h: torch.Tensor | np.ndarray, serial: bool, slot: int
-                ) -> torch.Tensor | np.ndarray:
+    def _linear(self, step: _Step, h: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         a = h if isinstance(h, np.ndarray) else cpu.pack_rows(h.flatten(1).contiguous())
         m = step.words.shape[1]
         if step.fused is not None:
-            out = step.buffer(("bits", slot), (a.shape[0], n_words(m)), np.uint64)
-            return cpu.binary_gemm_limits(a, step.words, *step.limits, out=out, serial=serial)
-        acc = step.buffer(("acc", slot), (a.shape[0], m), np.int32)
-        cpu.binary_gemm(a, step.words, step.k, out=acc, serial=serial)
+            out = step.buffer("bits", (a.shape[0], n_words(m)), np.uint64)
+            return cpu.binary_gemm_limits(a, step.words, *step.limits, out=out)
+        acc = step.buffer("acc", (a.shape[0], m), np.int32)
+        cpu.binary_gemm(a, step.words, step.k, out=acc)
         if step.tail is not None:
             return acc.reshape(a.shape[0], 1, 1, m)
         return step.block.bn(step.block.pool(torch.from_numpy(acc).float()))

@@ -7,16 +7,12 @@ Layouts (see `pack.py` for the bit convention):
                (AVX-512 VPOPCNTDQ where available; the SWAR popcount below becomes popcnt).
   conv input   packed channels-last (B, H, W, C_words) uint64, bit c % 64 of word c // 64.
 
-Threads: every kernel is a `prange` loop, so `numba.set_num_threads(n)` bounds it. Each also
-has a serial twin (`serial=True` in the public functions): the same code compiled without
-`parallel` and with `nogil`, so several Python threads can run it at once on disjoint data (the
-engine runs whole networks on batch chunks that way, one thread per chunk).
+Threads: every kernel is a `prange` loop, so `numba.set_num_threads(n)` bounds it.
 Functions accept numpy arrays or CPU torch tensors and return numpy arrays.
 """
 
 from __future__ import annotations
 
-import types
 from typing import NamedTuple
 
 import numpy as np
@@ -26,7 +22,6 @@ from bnnprune.kernels.pack import Array, as_numpy, conv_weight_matrix, n_words
 
 ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 ROWS = 4  # activation rows per GEMM block: each weight word loaded once feeds 4 rows
-TASKS = 64  # work blocks of the float stem: each allocates its scratch once
 LANES = 8  # uint64 lanes of an AVX-512 vector: weights are padded to whole vectors of M
 
 
@@ -384,11 +379,11 @@ def _check_words(a_packed: np.ndarray, w_packed: np.ndarray, k: int) -> None:
 
 
 def binary_gemm(a_packed: np.ndarray, w_packed: np.ndarray, k: int,
-                out: np.ndarray | None = None, serial: bool = False) -> np.ndarray:
+                out: np.ndarray | None = None) -> np.ndarray:
     """a (N, K_words), w words-major (K_words, M), true length K -> (N, M) int32 dot products."""
     _check_words(a_packed, w_packed, k)
     out = _buffer(out, (a_packed.shape[0], w_packed.shape[1]), np.int32)
-    return _pick(_gemm, serial)(np.ascontiguousarray(a_packed), pad_columns(w_packed), k, out)
+    return _gemm(np.ascontiguousarray(a_packed), pad_columns(w_packed), k, out)
 
 
 def binary_gemm_sign(a_packed: np.ndarray, w_packed: np.ndarray, k: int, s: Array, t: Array,
@@ -400,8 +395,7 @@ def binary_gemm_sign(a_packed: np.ndarray, w_packed: np.ndarray, k: int, s: Arra
 
 
 def binary_gemm_limits(a_packed: np.ndarray, w_packed: np.ndarray, limit: np.ndarray,
-                       flip: np.ndarray, out: np.ndarray | None = None,
-                       serial: bool = False) -> np.ndarray:
+                       flip: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """`binary_gemm_sign` with the thresholds already in `mismatch_limits` form (compute them
     once per layer: they cost more than a small layer's GEMM) -> (N, M_words) uint64 bits."""
     m = w_packed.shape[1]
@@ -410,8 +404,7 @@ def binary_gemm_limits(a_packed: np.ndarray, w_packed: np.ndarray, limit: np.nda
         raise ValueError(f"shapes differ: a {a_packed.shape}, w {w_packed.shape}, limit "
                          f"{len(limit)}, flip {len(flip)}")
     out = _buffer(out, (a_packed.shape[0], n_words(m)), np.uint64)
-    return _pick(_gemm_sign, serial)(np.ascontiguousarray(a_packed), pad_columns(w_packed),
-                                     limit, flip, out)
+    return _gemm_sign(np.ascontiguousarray(a_packed), pad_columns(w_packed), limit, flip, out)
 
 
 def mismatch_limits(s: Array, t: Array, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -439,7 +432,7 @@ def mismatch_limits(s: Array, t: Array, k: int) -> tuple[np.ndarray, np.ndarray]
 
 def conv_packed(xc: np.ndarray, w: PackedConvWeight, stride: int = 1, padding: int = 0,
                 limits: tuple[np.ndarray, np.ndarray] | None = None,
-                out: np.ndarray | None = None, serial: bool = False) -> np.ndarray:
+                out: np.ndarray | None = None) -> np.ndarray:
     """Binary conv on packed channels-last input (B, H, W, Cin_words) with im2col fused into
     the GEMM (`_conv`) -> (B * OH * OW, Cout) int32 dots, or with `limits` (the layer's
     `mismatch_limits`: folded BN + sign) (B * OH * OW, Cout_words) packed bits."""
@@ -453,10 +446,9 @@ def conv_packed(xc: np.ndarray, w: PackedConvWeight, stride: int = 1, padding: i
     n = b * ((h + 2 * padding - w.kh) // stride + 1) * ((wd + 2 * padding - w.kw) // stride + 1)
     words = pad_columns(w.words)
     xc = np.ascontiguousarray(xc)
-    conv = _pick(_conv, serial)
     if limits is None:
         dots = _buffer(out, (n, m), np.int32)
-        conv(xc, w.in_channels, w.kh, w.kw, stride, padding, words, k, np.zeros(0, np.int32),
+        _conv(xc, w.in_channels, w.kh, w.kw, stride, padding, words, k, np.zeros(0, np.int32),
               np.zeros(0, np.uint64), dots, np.zeros((0, 1), np.uint64))
         return dots
     limit, flip = limits
@@ -464,7 +456,7 @@ def conv_packed(xc: np.ndarray, w: PackedConvWeight, stride: int = 1, padding: i
         raise ValueError(f"limits for {len(limit)} channels, flip {len(flip)} words; the weight "
                          f"has {m} channels")
     bits = _buffer(out, (n, n_words(m)), np.uint64)
-    conv(xc, w.in_channels, w.kh, w.kw, stride, padding, words, k, limit, flip,
+    _conv(xc, w.in_channels, w.kh, w.kw, stride, padding, words, k, limit, flip,
           np.zeros((0, m), np.int32), bits)
     return bits
 
@@ -514,48 +506,34 @@ def _float_conv_sign(x, wt, alpha, beta, stride, pad, kh, kw, out):
     """sign(alpha * conv(x, w) + beta) with zero padding -> packed channels-last bits.
 
     x (B, Cin, H, W) float32; wt (Cin * kh * kw, Cout) float32, tap-major; out
-    (B, OH, OW, Cout_words) uint64, bit = (alpha * acc + beta >= 0).
-
-    Each task takes a block of output rows (image * OH + y) with its scratch allocated once:
-    the kh input rows an output row reads, zero padded (so the tap loops have no bounds
-    tests), and the (OW, Cout) sums, whose inner loop over Cout vectorises. Every sum adds its
-    taps in the order (c, i, j) starting from 0, as before the padding: a padded tap adds
-    +-0.0 to a sum that is never -0.0, so the bits are the same."""
+    (B, OH, OW, Cout_words) uint64, bit = (alpha * acc + beta >= 0)."""
     b, cin, h, w = x.shape
     _, oh, ow, cw = out.shape
     cout = wt.shape[1]
-    wp = (ow - 1) * stride + kw  # padded row length the taps reach
-    n = b * oh
-    per = (n + TASKS - 1) // TASKS
-    for task in prange((n + per - 1) // per):
-        xp = np.zeros((cin, kh, wp), np.float32)
-        acc = np.empty((ow, cout), np.float32)  # (OW, Cout): inner loop over Cout vectorises
-        for bo in range(task * per, min(n, (task + 1) * per)):
-            bi, oy = bo // oh, bo % oh
-            for c in range(cin):
-                for i in range(kh):
-                    iy = oy * stride + i - pad
-                    for ix in range(wp):
-                        xx = ix - pad
-                        inside = 0 <= iy < h and 0 <= xx < w
-                        xp[c, i, ix] = x[bi, c, iy, xx] if inside else np.float32(0)
-            acc[:] = 0
-            for c in range(cin):
-                for i in range(kh):
-                    for j in range(kw):
-                        tap = (c * kh + i) * kw + j
-                        for ox in range(ow):
-                            xv = xp[c, i, ox * stride + j]
+    for bo in prange(b * oh):
+        bi, oy = bo // oh, bo % oh
+        acc = np.zeros((ow, cout), np.float32)  # (OW, Cout): inner loop over Cout vectorises
+        for c in range(cin):
+            for i in range(kh):
+                iy = oy * stride + i - pad
+                if iy < 0 or iy >= h:
+                    continue
+                for j in range(kw):
+                    tap = (c * kh + i) * kw + j
+                    for ox in range(ow):
+                        ix = ox * stride + j - pad
+                        if 0 <= ix < w:
+                            xv = x[bi, c, iy, ix]
                             for co in range(cout):
                                 acc[ox, co] += xv * wt[tap, co]
-            for ox in range(ow):
-                for q in range(cw):
-                    base = 64 * q
-                    word = np.uint64(0)
-                    for j in range(min(64, cout - base)):
-                        hit = acc[ox, base + j] * alpha[base + j] + beta[base + j] >= 0
-                        word |= np.uint64(hit) << np.uint64(j)
-                    out[bi, oy, ox, q] = word
+        for ox in range(ow):
+            for q in range(cw):
+                base = 64 * q
+                word = np.uint64(0)
+                for j in range(min(64, cout - base)):
+                    hit = acc[ox, base + j] * alpha[base + j] + beta[base + j] >= 0
+                    word |= np.uint64(hit) << np.uint64(j)
+                out[bi, oy, ox, q] = word
     return out
 
 
@@ -597,20 +575,17 @@ def _classify(acc, pool_k, pool_s, pool_p, alpha, beta, gap, wc, bias, out):
 
 
 def maxpool_bits(bits: np.ndarray, k: int, stride: int, pad: int, inc: np.ndarray,
-                 dec: np.ndarray, out: np.ndarray | None = None,
-                 serial: bool = False) -> np.ndarray:
+                 dec: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Max pool of sign(BN(acc)) on packed channels-last bits (B, H, W, C_words) uint64: the OR
     over the window for channels whose BN increases in acc (`inc` mask words), the AND where
     it decreases (`dec`); padding never wins (as MaxPool2d's -inf) -> (B, PH, PW, C_words)."""
     b, h, w, cw = bits.shape
     shape = (b, (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1, cw)
-    return _pick(_maxpool_bits, serial)(bits, k, stride, pad, inc, dec,
-                                        _buffer(out, shape, np.uint64))
+    return _maxpool_bits(bits, k, stride, pad, inc, dec, _buffer(out, shape, np.uint64))
 
 
 def float_conv_sign(x: Array, w: Array, alpha: Array, beta: Array, stride: int = 1,
-                    padding: int = 0, out: np.ndarray | None = None,
-                    serial: bool = False) -> np.ndarray:
+                    padding: int = 0, out: np.ndarray | None = None) -> np.ndarray:
     """Float conv (zero padding) + per-channel affine + sign, packed: x (B, Cin, H, W),
     w (Cout, Cin, kh, kw) -> (B, OH, OW, Cout_words) uint64, bit = (alpha*conv + beta >= 0)."""
     xn = np.ascontiguousarray(as_numpy(x), np.float32)
@@ -623,13 +598,13 @@ def float_conv_sign(x: Array, w: Array, alpha: Array, beta: Array, stride: int =
              n_words(cout))
     wt = np.ascontiguousarray(wn.reshape(cout, -1).T)  # (Cin * kh * kw, Cout)
     a, bb = (np.ascontiguousarray(as_numpy(v), np.float32) for v in (alpha, beta))
-    return _pick(_float_conv_sign, serial)(xn, wt, a, bb, stride, padding, kh, kw,
+    return _float_conv_sign(xn, wt, a, bb, stride, padding, kh, kw,
                             _buffer(out, shape, np.uint64))
 
 
 def classify(acc: np.ndarray, pool_k: int, pool_s: int, pool_p: int, alpha: Array, beta: Array,
-             gap: bool, weight: Array, bias: Array, out: np.ndarray | None = None,
-             serial: bool = False) -> np.ndarray:
+             gap: bool, weight: Array, bias: Array, out: np.ndarray | None = None
+             ) -> np.ndarray:
     """Logits from a layer's integer outputs: max pool (`pool_k` 1 = none) -> BN as
     `alpha * v + beta` -> flatten (channels-last order) or global average -> linear layer
     `v @ weight.T + bias`. acc (B, H, W, C) int32; weight (classes, F), as `nn.Linear` keeps
@@ -644,30 +619,4 @@ def classify(acc: np.ndarray, pool_k: int, pool_s: int, pool_p: int, alpha: Arra
                          f"features")
     vecs = [np.ascontiguousarray(as_numpy(v), np.float32) for v in (alpha, beta, bias)]
     out = _buffer(out, (b, wn.shape[0]), np.float32)
-    return _pick(_classify, serial)(a, pool_k, pool_s, pool_p, vecs[0], vecs[1], gap, wn,
-                                    vecs[2], out)
-
-
-# ---------------------------------------------------------------------------- serial twins
-
-
-def _serial_twin(kernel):
-    """`kernel`'s Python code compiled serially (prange runs as range) with the GIL released.
-    The copy gets its own qualified name, so numba's on-disk cache keeps the two apart (the
-    cache index does not key on the `parallel` flag)."""
-    fn = kernel.py_func
-    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
-                              fn.__defaults__, fn.__closure__)
-    copy.__qualname__ = fn.__qualname__ + "_serial"
-    copy.__doc__ = fn.__doc__
-    options = {k: v for k, v in kernel.targetoptions.items() if k not in ("parallel", "nopython")}
-    return njit(**{**options, "nogil": True, "cache": True})(copy)
-
-
-_SERIAL = {k: _serial_twin(k) for k in (_gemm, _gemm_sign, _conv, _maxpool_bits,
-                                        _float_conv_sign, _classify)}
-
-
-def _pick(kernel, serial: bool):
-    """The kernel itself (parallel) or its serial, GIL-free twin."""
-    return _SERIAL[kernel] if serial else kernel
+    return _classify(a, pool_k, pool_s, pool_p, vecs[0], vecs[1], gap, wn, vecs[2], out)
