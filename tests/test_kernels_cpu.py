@@ -303,3 +303,29 @@ def test_maxpool_bits_is_maxpool_of_the_signs(k, stride, pad):
     dec[-1] &= np.uint64(2**6 - 1)  # padding channels set in neither mask
     got = cpu.maxpool_bits(bits, k, stride, pad, inc, dec)
     assert (got == cpu.pack_channels(want)).all()
+
+
+@pytest.mark.parametrize("b,cin,h,w,cout,k,stride,pad", [
+    (3, 1, 28, 28, 32, 3, 1, 1), (2, 2, 9, 11, 70, 3, 2, 1), (2, 3, 8, 8, 5, 5, 1, 2),
+    (1, 1, 7, 7, 4, 3, 1, 0)])
+def test_float_conv_sign_bits_are_the_tap_ordered_float32_sums(b, cin, h, w, cout, k, stride,
+                                                               pad):
+    """Bit-exact against float32 sums taken tap by tap in (c, i, j) order from 0 (numpy, one
+    rounding per multiply and per add), the order the stem kernel keeps."""
+    rng = np.random.default_rng(b * 100 + cout)
+    x = rng.standard_normal((b, cin, h, w)).astype(np.float32)
+    wt = rng.standard_normal((cout, cin, k, k)).astype(np.float32)
+    alpha, beta = (rng.standard_normal(cout).astype(np.float32) for _ in range(2))
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    acc = np.zeros((b, oh, ow, cout), np.float32)
+    for c in range(cin):
+        for i in range(k):
+            for j in range(k):
+                ys, xs = slice(i, i + stride * (oh - 1) + 1, stride), slice(
+                    j, j + stride * (ow - 1) + 1, stride)
+                xs = xp[:, c, ys, xs]
+                acc = acc + xs[..., None] * wt[:, c, i, j]
+    want = cpu.pack_rows((acc * alpha + beta).reshape(-1, cout)).reshape(b, oh, ow, -1)
+    got = cpu.float_conv_sign(x, wt, alpha, beta, stride, pad)
+    np.testing.assert_array_equal(got, want)
