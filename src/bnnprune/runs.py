@@ -7,7 +7,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from bnnprune.report import METRICS_JSON, PLOTS, SUMMARY_JSON, SUMMARY_MD, headline_metrics
+from bnnprune.files import load_json
+from bnnprune.report import (
+    INPUTS,
+    METRICS_JSON,
+    PLOTS,
+    SUMMARY_JSON,
+    SUMMARY_MD,
+    headline_metrics,
+)
 
 SUMMARY_TAG = "bnnprune.summary"  # tag of the one summary run per pipeline execution
 LINK_TAG = "bnnprune.stage_run."  # + stage name: run id of the stage run the summary covers
@@ -24,8 +32,9 @@ def link_stage_runs(run: Any) -> dict[str, str]:
     tags = run.data.tags
     same = {"git_commit": tags.get("git_commit"), "dvc_exp_name": tags.get("dvc_exp_name")}
     chosen: dict[str, tuple[bool, Any]] = {}  # stage -> (same execution?, run); newest first
+    # newest by end time: a run resumed after a kill started long before it finished
     for found in client.search_runs([run.info.experiment_id], "attributes.status = 'FINISHED'",
-                                    order_by=["attributes.start_time DESC"], max_results=1000):
+                                    order_by=["attributes.end_time DESC"], max_results=1000):
         t = found.data.tags
         stage = t.get("stage")
         if not stage or SUMMARY_TAG in t or found.info.run_id == run.info.run_id:
@@ -44,19 +53,32 @@ def link_stage_runs(run: Any) -> dict[str, str]:
     return links
 
 
+def run_name(summary: dict[str, Any], dvc_exp_name: str | None = None) -> str:
+    """A summary run's name: its DVC experiment's, else `<arch>/<dataset>/<criterion>/tau<tau>`."""
+    if dvc_exp_name:
+        return dvc_exp_name
+    m = summary["model"]
+    tau = "" if m.get("tau") is None else f"/tau{m['tau']:g}"
+    return f"{m['arch']}/{summary['dataset']}/{m['criterion']}{tau}"
+
+
 def log_summary_run(summary: dict[str, Any], root: str | Path = ".") -> dict[str, str]:
-    """Inside the report stage's MLflow run: mark it as the summary run, log the headline
-    metrics and artifacts, link the stage runs."""
+    """Inside the report stage's MLflow run: mark it as the summary run, name it after its
+    configuration (run_name), log the prepared dataset as its input, the headline metrics and
+    artifacts, link the stage runs."""
     import mlflow
 
-    from bnnprune.tracking import log_artifacts, log_metrics
+    from bnnprune.tracking import log_artifacts, log_dataset, log_metrics
 
     run = mlflow.active_run()
     if run is None:
         return {}
-    mlflow.set_tags({SUMMARY_TAG: "true", "dataset": summary["dataset"]})
-    log_metrics(headline_metrics(summary))
+    name = run_name(summary, mlflow.get_run(run.info.run_id).data.tags.get("dvc_exp_name"))
+    mlflow.set_tags({SUMMARY_TAG: "true", "dataset": summary["dataset"], "mlflow.runName": name})
     root = Path(root)
+    card = root / INPUTS["card"][0]
+    log_dataset(load_json(card), card.parent, context="evaluation")
+    log_metrics(headline_metrics(summary))
     log_artifacts(root / SUMMARY_JSON, root / METRICS_JSON, root / SUMMARY_MD,
                   *(root / p for p in PLOTS.values()))
     return link_stage_runs(mlflow.get_run(run.info.run_id))
