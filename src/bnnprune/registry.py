@@ -52,7 +52,8 @@ def _headline(summary: dict[str, Any]) -> dict[str, str]:
         for part in check.key:
             node = node.get(part) if isinstance(node, dict) else None
         tags[".".join(check.key)] = node
-    return {k: f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in tags.items()}
+    return {k: f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in tags.items()
+            if v is not None}  # a check without a value (backend not run): no "None" tag
 
 
 def register_candidate(summary: dict[str, Any], summary_path: str | Path,
