@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -298,8 +299,10 @@ def log_dataset(card: dict[str, Any], path: str | Path, context: str) -> None:
 
     schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, *card["shape"]), "images"),
                      TensorSpec(np.dtype(np.int64), (-1,), "labels")])
-    dataset = MetaDataset(resolve_dataset_source(str(project_root() / path)), card["dataset"],
-                          dataset_digest(card), schema)
+    with warnings.catch_warnings():  # MLflow registers the local source for "" and "file://"
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+        source = resolve_dataset_source(str(project_root() / path))
+    dataset = MetaDataset(source, card["dataset"], dataset_digest(card), schema)
     _call(lambda: {"op": "dataset", "dataset": dataset.to_dict(), "context": context},
           lambda: mlflow.log_input(dataset, context=context))
 
