@@ -2,8 +2,8 @@
 
 The report stage registers the pruned ONNX model (models/model.onnx) that the export stage logged
 (`pruned_bnn_onnx`, found by the file's sha256; logged by the summary run only when the export
-stage ran without tracking; either way an output of the summary run, so the runs table's Models
-column shows it) as a new version of the registered model `bnnprune-<dataset>-<arch>`,
+stage ran without tracking; either way an output of the summary run, whose page then lists the
+registered version) as a new version of the registered model `bnnprune-<dataset>-<arch>`,
 tagged with the config hash, the git commit, the sha256 of reports/summary.json and the headline
 metrics (what the gate judges), with the alias `candidate`. `bnnprune check` moves the alias
 `champion` to the version registered for the judged summary.json only when the gate passes.

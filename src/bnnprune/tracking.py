@@ -21,9 +21,10 @@ a per-step curve in the run (a stage's final val_acc after its per-epoch val_acc
 `final/<name>`, so the curve is not followed by a point at step 0. Layer names become segments
 through layer_segment ("blocks.1.layer" -> "blocks_1").
 
-The experiment is tagged as a model-training one (EXPERIMENT_KIND), so MLflow's UI opens it in
-the runs view rather than the GenAI one. The training and summary runs log the prepared dataset
-as a dataset input (log_dataset), its digest from the card's checksums (dataset_digest).
+The experiment is tagged as a model-training one (EXPERIMENT_KIND; MLflow 3.17's UI picks its
+view from its sidebar switch instead, see README). The training and summary runs log the
+prepared dataset as a dataset input (log_dataset), its digest from the card's checksums
+(dataset_digest).
 
 A run that ends FAILED carries its error: tag `error` (type and message) and the artifact
 `error.txt` (the traceback), logged before it is marked FAILED.
@@ -78,7 +79,7 @@ JOURNAL_DIR = ".bnnprune/journal"  # under the project root
 METRIC_NAME = re.compile(r"(?!.*(?:^|[/_])(?:seconds|secs?)(?:$|[/_]))(?!.*(?:^|[/_])size(?:$|/))"
                          r"[a-z][a-z0-9_]*(?:/[a-z0-9][a-z0-9_]*)*")
 
-# The experiment tag MLflow's UI reads to pick its view ("genai_development" opens the GenAI one)
+# The experiment tag that says what it is for ("genai_development" is the GenAI kind)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
