@@ -13,7 +13,7 @@ def main() -> None:
     params = load_params()
     with stage_run("prepare", {"data": params.data}, fingerprint(params.data)):
         card = prepare(params.data, OUT)
-        log_metrics({f"size_{k}": v for k, v in card["sizes"].items()})
+        log_metrics({f"images/{k}": v for k, v in card["sizes"].items()})
         log_artifacts(f"{OUT}/card.json")
     print(f"prepared {card['dataset']}: {card['sizes']} -> {OUT}")
 

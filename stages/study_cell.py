@@ -53,7 +53,7 @@ def main() -> None:
         cell = run_cell(name, budget, seed, baseline, flips, splits, card, params.prune,
                         params.study, params.train, params.finetune,
                         {n: r["drop_pt"] for n, r in layers.items()}, resume)
-        cell["seconds"] = time.perf_counter() - start
+        cell["wall_time_s"] = time.perf_counter() - start
         save_json(out, cell)
         log_metrics({k: v for k, v in cell.items() if isinstance(v, (int, float))
                      and not isinstance(v, bool) and k not in ("budget", "seed")})
@@ -62,7 +62,7 @@ def main() -> None:
     print(f"study {name} at -{100 * budget:g}% BOPs, seed {seed}: BOPs "
           f"-{cell['bops_reduction_pct']:.1f}%, test_acc {cell['test_acc_before_recovery']:.4f}"
           f" -> {cell['test_acc']:.4f} after {params.study.recovery_steps} recovery steps "
-          f"({cell['seconds']:.0f}s)")
+          f"({cell['wall_time_s']:.0f}s)")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from bnnprune.files import load_json, save_json
 from bnnprune.flips import load_flips
 from bnnprune.models import load_checkpoint
 from bnnprune.study import channel_sensitivity, head, hypothesis_tables, set_threads
-from bnnprune.tracking import log_artifacts, log_metrics, stage_run
+from bnnprune.tracking import layer_segment, log_artifacts, log_metrics, stage_run
 from bnnprune.train import fingerprint
 
 BASELINE, FLIPS = "models/baseline.pt", "models/flips.pt"
@@ -32,7 +32,7 @@ def main() -> None:
         save_json(OUT, {"val_images": len(val), "samples_per_layer": study.channel_samples,
                         "loss_rise": {n: {str(c): v for c, v in s.items()}
                                       for n, s in channels.items()}, **tables})
-        log_metrics({f"rho/{c}/{n.replace(' ', '_')}": r["rho"]
+        log_metrics({f"rho/{c}/{layer_segment(n).replace(' ', '_')}": r["rho"]
                      for c, rows in tables["channels"].items() for n, r in rows.items()
                      if r["rho"] == r["rho"]})
         log_artifacts(OUT)

@@ -8,7 +8,7 @@ from bnnprune.data import load_prepared
 from bnnprune.files import save_json
 from bnnprune.models import load_checkpoint
 from bnnprune.study import head, layer_sensitivity, set_threads
-from bnnprune.tracking import log_artifacts, log_metrics, stage_run
+from bnnprune.tracking import layer_segment, log_artifacts, log_metrics, stage_run
 from bnnprune.train import fingerprint
 
 BASELINE, OUT = "models/baseline.pt", "reports/study/layer_sensitivity.json"
@@ -27,7 +27,7 @@ def main() -> None:
         save_json(OUT, {"ratio": study.sensitivity_ratio,
                         "val_images": min(study.sensitivity_images, len(splits["val"])),
                         "layers": layers})
-        log_metrics({f"drop_pt/{n}": r["drop_pt"] for n, r in layers.items()})
+        log_metrics({f"drop_pt/{layer_segment(n)}": r["drop_pt"] for n, r in layers.items()})
         log_artifacts(OUT)
     for name, r in layers.items():
         print(f"{name}: keep {r['kept']}/{r['channels']} -> val drop {r['drop_pt']:+.2f} pt")

@@ -10,7 +10,7 @@ from bnnprune.config import load_params
 from bnnprune.data import load_prepared
 from bnnprune.files import save_csv, save_json, save_torch
 from bnnprune.models import build_model, model_config, save_checkpoint
-from bnnprune.tracking import log_artifacts, log_metrics, stage_run
+from bnnprune.tracking import log_artifacts, log_dataset, log_metrics, stage_run
 from bnnprune.train import (
     evaluate,
     fingerprint,
@@ -50,8 +50,9 @@ def main() -> None:
         save_json("reports/metrics/train.json", metrics)
         save_csv("reports/plots/train_history.csv", result.history)
         save_csv("reports/plots/flip_ratio.csv", result.flip_history)
-        log_metrics({**metrics, "train_seconds": seconds,
+        log_metrics({**metrics, "wall_time_s": seconds,
                      "resumed_from_epoch": result.resumed_from_epoch})
+        log_dataset(card, "data/prepared", context="training")
         log_artifacts("reports/metrics/train.json", "reports/plots/train_history.csv",
                       "reports/plots/flip_ratio.csv")
         finish_resume(RESUME)

@@ -6,21 +6,28 @@ never changes: a valid edit re-runs only the stages whose own params changed, an
 one stops `dvc repro` / `dvc exp run` here, before any output is touched.
 """
 
+from pathlib import Path
+
 from bnnprune.cli import run_stage
-from bnnprune.config import load_params
+from bnnprune.config import flat_dict, load_params
 from bnnprune.files import write_atomic
 from bnnprune.models import ARCHS
 from bnnprune.prune import check_round_to, layer_name
+from bnnprune.tracking import log_params, stage_run
+from bnnprune.train import fingerprint
 
-OUT = ".bnnprune/params.valid"
+OUT, PARAMS = ".bnnprune/params.valid", Path("params.yaml")
 
 
 def main() -> None:
-    params = load_params()
-    specs, _ = ARCHS[params.model.arch](params.model.width)
-    check_round_to({layer_name(i): s.out for i, s in enumerate(specs) if s.binary},
-                   params.prune.round_to)
-    write_atomic(OUT, lambda p: p.write_text("params.yaml is valid\n"))
+    # the run opens before parsing: an invalid params.yaml ends it FAILED with the error
+    with stage_run("validate", {}, fingerprint(PARAMS.read_text() if PARAMS.is_file() else "")):
+        params = load_params(PARAMS)
+        specs, _ = ARCHS[params.model.arch](params.model.width)
+        check_round_to({layer_name(i): s.out for i, s in enumerate(specs) if s.binary},
+                       params.prune.round_to)
+        log_params(flat_dict(params))
+        write_atomic(OUT, lambda p: p.write_text("params.yaml is valid\n"))
     print("params.yaml is valid")
 
 

@@ -1,6 +1,9 @@
 """What an MLflow user sees after the tiny pipeline (conftest's shared e2e_project): curves
 monotone in step, each run's params its own, one naming rule for every metric, failed runs
-carrying their error, and each ONNX model logged once with real test images as its example."""
+carrying their error, each ONNX model logged once with real test images as its example, and the
+runs table as the UI shows it: a model-training experiment, the summary run named after its
+configuration with the prepared dataset as input and the pruned model as output, a run for
+every stage."""
 
 import mlflow
 import numpy as np
@@ -11,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from bnnprune import tracking
 from bnnprune.data import load_prepared
 from bnnprune.export import EXAMPLE_IMAGES, ONNX_MODEL_NAMES, pixels
+from bnnprune.files import load_json
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +101,46 @@ def test_onnx_models_are_logged_once_with_real_test_images(store):
     test = load_prepared(root / "data/prepared")[0]["test"]
     np.testing.assert_array_equal(example["images"],
                                   pixels(test.images[:EXAMPLE_IMAGES]).numpy())
+
+
+def test_experiment_opens_as_a_model_training_experiment(store):
+    _, client, experiment, _ = store
+    tags = client.get_experiment(experiment).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_summary_run_is_named_after_its_configuration(store):
+    root, _, _, runs = store
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    [summary] = [r for r in runs if r.data.tags.get("bnnprune.summary") == "true"]
+    assert summary.info.run_name == f"cnn/synthetic/{params['prune']['criterion']}/tau0"
+
+
+def test_train_and_summary_runs_have_the_prepared_dataset_as_input(store):
+    root, _, _, runs = store
+    card = load_json(root / "data/prepared/card.json")
+    summary = next(r for r in runs if r.data.tags.get("bnnprune.summary") == "true")
+    for run in (by_stage(runs, "train")[0], summary):
+        [dataset] = run.inputs.dataset_inputs
+        assert dataset.dataset.name == "synthetic"
+        assert dataset.dataset.digest == tracking.dataset_digest(card)
+        assert dataset.dataset.source == f'{{"uri": "{root.resolve() / "data/prepared"}"}}'
+    # another split of the same sources is another dataset
+    assert tracking.dataset_digest({**card, "seed": card["seed"] + 1}) != \
+        tracking.dataset_digest(card)
+
+
+def test_summary_run_has_the_pruned_onnx_model_as_output(store):
+    _, client, experiment, runs = store
+    summary = next(r for r in runs if r.data.tags.get("bnnprune.summary") == "true")
+    pruned = client.search_logged_models(
+        [experiment], filter_string=f"name = '{ONNX_MODEL_NAMES['pruned']}'")
+    assert [m.model_id for m in summary.outputs.model_outputs] == [pruned[0].model_id]
+    assert pruned[0].source_run_id == by_stage(runs, "export")[0].info.run_id
+
+
+def test_every_stage_has_a_finished_run_validate_included(store):
+    _, _, _, runs = store
+    finished = {r.data.tags.get("stage") for r in runs if r.info.status == "FINISHED"}
+    assert {"validate", "prepare", "train", "prune", "finetune", "export", "benchmark",
+            "report"} <= finished

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bnnprune import report
+from bnnprune import report, runs
 from bnnprune.config import ExportConfig, parse_params
 from bnnprune.data import make_synthetic
 from bnnprune.files import save_csv, save_json
@@ -241,20 +241,20 @@ def test_summary_run_links_stage_runs_and_compare_shows_one_row_each(
     for tau in (20.0, 30.0):  # two pipeline executions with different configurations
         params = parse_params({"prune": {"tau": tau}})
         with stage_run("report", params, f"report-{tau}") as run:
-            links = report.log_summary_run(summary, workspace)
+            links = runs.log_summary_run(summary, workspace)
             summary_ids.append(run.info.run_id)
         assert links == stage_ids  # the newest run of each stage
     client = MlflowClient(uri)
     first = client.get_run(summary_ids[0])
-    assert first.data.tags[report.SUMMARY_TAG] == "true"
-    assert first.data.tags[report.LINK_TAG + "train"] == stage_ids["train"]
-    assert first.data.tags[report.LINK_TAG + "study:flip-0.5-0"] == stage_ids["study@flip-0.5-0"]
+    assert first.data.tags[runs.SUMMARY_TAG] == "true"
+    assert first.data.tags[runs.LINK_TAG + "train"] == stage_ids["train"]
+    assert first.data.tags[runs.LINK_TAG + "study:flip-0.5-0"] == stage_ids["study@flip-0.5-0"]
     assert first.data.metrics["bops_reduction_pct"] == pytest.approx(
         summary["reduction"]["bops_pct"])
     assert first.data.metrics["speedup_cpu_b64"] == 1.6
     # stage runs become children of the first summary run only (never re-parented)
     assert client.get_run(stage_ids["train"]).data.tags["mlflow.parentRunId"] == summary_ids[0]
-    table = report.compare().splitlines()
+    table = runs.compare().splitlines()
     assert len(table) == 2 + 2  # header, rule, one row per summary run
     assert "prune.tau" in table[0] and "test_acc" in table[0]
     assert table[2].startswith(summary_ids[1][:8]) and "30.0" in table[2]
@@ -265,7 +265,7 @@ def test_summary_run_links_stage_runs_and_compare_shows_one_row_each(
 def test_compare_without_summary_runs_says_so():
     import pandas as pd
 
-    assert "no summary runs yet" in report.compare_table(pd.DataFrame())
+    assert "no summary runs yet" in runs.compare_table(pd.DataFrame())
 
 
 def test_report_cli_stage_error_is_one_line(tmp_path, monkeypatch, capsys):

@@ -15,6 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from bnnprune.registry import CANDIDATE
+from bnnprune.tracking import dataset_digest
 
 from conftest import REPO, copy_project, sh
 
@@ -98,6 +99,13 @@ def test_tiny_pipeline_logs_to_the_postgres_backed_server(server, e2e_project, t
     summary = json.loads((root / "reports/summary.json").read_text())
     candidate = client.get_model_version_by_alias("bnnprune-synthetic-cnn", CANDIDATE)
     assert candidate.source == f"models:/{exported['pruned_bnn_onnx'].model_id}"
+    # the summary run's dataset input and model output go through the REST API too
+    assert [m.model_id for m in by_stage["report"].outputs.model_outputs] == [
+        exported["pruned_bnn_onnx"].model_id]
+    card = json.loads((root / "data/prepared/card.json").read_text())
+    for stage in ("train", "report"):
+        [dataset] = by_stage[stage].inputs.dataset_inputs
+        assert dataset.dataset.digest == dataset_digest(card)
     assert float(candidate.tags["pruned.test_acc"]) == pytest.approx(
         summary["pruned"]["test_acc"])
 

@@ -2,10 +2,13 @@
 
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from bnnprune import tracking
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def git_repo(path, message):
@@ -36,12 +39,10 @@ def test_metric_names_follow_one_rule():
     for good in ("val_acc", "final/val_acc", "wall_time_s", "speedup/packed_cpu_b64",
                  "baseline/onnxruntime/latency_ms_b1", "model_size_bits_before", "p/blocks_1"):
         assert tracking.metric_name(good) == good
-    # names still logged by code the study depends on are renamed on the way
-    assert tracking.metric_name("flip_ratio/blocks.1.layer") == "flip_ratio/blocks_1"
-    assert tracking.metric_name("seconds") == "wall_time_s"
-    assert tracking.metric_name("size_train") == "images/train"
+    # no renames on the way: the old names the stages logged are errors now
     for bad in ("baseline.parity.passed", "Val_acc", "finetune_seconds", "onnx/size",
-                "speedup//cpu", "test_acc/flip/0.3", "criteria/flip/test acc"):
+                "speedup//cpu", "test_acc/flip/0.3", "criteria/flip/test acc",
+                "flip_ratio/blocks.1.layer", "seconds", "train_seconds"):
         with pytest.raises(tracking.MetricNameError, match=re.escape(repr(bad))):
             tracking.metric_name(bad)
 
@@ -84,3 +85,61 @@ def test_study_cell_runs_record_their_method_not_prune_criterion():
                     "study.seed": 1}
     assert tracking._run_params("prune", {"prune": {"criterion": "latent"}}) == {
         "prune.criterion": "latent"}
+
+
+def test_run_resumed_after_a_kill_is_linked_to_and_under_the_next_summary_run(
+        tmp_path, monkeypatch):
+    """A train run killed inside a DVC experiment and resumed by a plain `dvc repro`: it is
+    this execution's train run, although it started before another finished train run of the
+    same commit (a teammate's, on the shared server) and was first tagged with the
+    experiment's name."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from bnnprune.files import save_json
+    from bnnprune.runs import link_stage_runs
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tracking.tracking_uri())
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-killed")
+    # what a SIGKILL leaves: a RUNNING run and the stage's run state
+    killed = client.create_run(tracking.ensure_experiment(), run_name="train",
+                               tags=tracking._tags("train", "k2")).info.run_id
+    save_json(tracking.RUN_STATE_DIR / "train.json", {"run_id": killed, "config_hash": "k2"})
+    monkeypatch.delenv("DVC_EXP_NAME")
+    (tmp_path / "clone").mkdir()
+    monkeypatch.chdir(tmp_path / "clone")  # a teammate's clone of the commit, same server
+    with tracking.stage_run("train", {}, "k1") as run:  # started after the killed run
+        other = run.info.run_id
+    monkeypatch.chdir(tmp_path)
+    with tracking.stage_run("train", {}, "k2") as run:
+        assert run.info.run_id == killed
+    with tracking.stage_run("report", {}, "r") as run:
+        links = link_stage_runs(mlflow.get_run(run.info.run_id))
+    tags = client.get_run(killed).data.tags
+    assert links["train"] == killed != other
+    assert tags["mlflow.parentRunId"] == run.info.run_id
+    assert tags["resumed"] == "true" and "dvc_exp_name" not in tags
+
+
+def test_invalid_params_end_the_validate_run_failed_with_the_error(tmp_path, monkeypatch):
+    import runpy
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from bnnprune.config import ConfigError
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"]["epochs"] = -1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    validate = runpy.run_path(str(REPO / "stages/validate.py"))["main"]
+    with pytest.raises(ConfigError, match="train.epochs"):
+        validate()
+    client = MlflowClient(tracking.tracking_uri())
+    [run] = client.search_runs([tracking.ensure_experiment()], "tags.stage = 'validate'")
+    assert run.info.status == "FAILED" and "train.epochs" in run.data.tags["error"]
+    assert not (tmp_path / ".bnnprune/params.valid").exists()

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
 
         run_stage(lambda: print(study_from_mlflow()))
     elif args.command == "compare":
-        from bnnprune.report import compare as compare_runs
+        from bnnprune.runs import compare as compare_runs
 
         run_stage(lambda: print(compare_runs(args.max_runs, args.all_params)))
     elif args.command == "backfill":

@@ -2,7 +2,8 @@
 
 The report stage registers the pruned ONNX model (models/model.onnx) that the export stage logged
 (`pruned_bnn_onnx`, found by the file's sha256; logged by the summary run only when the export
-stage ran without tracking) as a new version of the registered model `bnnprune-<dataset>-<arch>`,
+stage ran without tracking; either way an output of the summary run, whose page then lists the
+registered version) as a new version of the registered model `bnnprune-<dataset>-<arch>`,
 tagged with the config hash, the git commit, the sha256 of reports/summary.json and the headline
 metrics (what the gate judges), with the alias `candidate`. `bnnprune check` moves the alias
 `champion` to the version registered for the judged summary.json only when the gate passes.
@@ -22,7 +23,7 @@ from bnnprune.data import load_prepared, sha256
 from bnnprune.export import ONNX_MODEL_NAMES, log_onnx_model
 from bnnprune.files import load_json
 from bnnprune.gate import CHECKS
-from bnnprune.tracking import TrackingError, ensure_experiment, tracking_uri
+from bnnprune.tracking import TrackingError, ensure_experiment, log_model_output, tracking_uri
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 ONNX_MODEL = "models/model.onnx"
@@ -51,7 +52,8 @@ def _headline(summary: dict[str, Any]) -> dict[str, str]:
         for part in check.key:
             node = node.get(part) if isinstance(node, dict) else None
         tags[".".join(check.key)] = node
-    return {k: f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in tags.items()}
+    return {k: f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in tags.items()
+            if v is not None}  # a check without a value (backend not run): no "None" tag
 
 
 def register_candidate(summary: dict[str, Any], summary_path: str | Path,
@@ -72,6 +74,8 @@ def register_candidate(summary: dict[str, Any], summary_path: str | Path,
         test = load_prepared(Path(card_path).parent)[0]["test"]
         logged = log_onnx_model(onnx_path, load_json(card_path), ONNX_MODEL_NAMES["pruned"],
                                 test.images)
+    elif logged.source_run_id != run.info.run_id:  # the export stage's: an output of this run too
+        log_model_output(logged.model_id)
     run_tags = mlflow.get_run(run.info.run_id).data.tags
     tags = {"config_hash": run_tags.get("config_hash", ""),
             "git_commit": run_tags.get("git_commit", ""),

@@ -1,5 +1,5 @@
-"""The pipeline's report: reports/summary.json + summary.md + PNG plots, an MLflow summary run
-that links the stage runs, and `bnnprune compare` over those summary runs.
+"""The pipeline's report: reports/summary.json + summary.md + PNG plots and the headline metrics
+(the MLflow summary run and `bnnprune compare` are in bnnprune.runs).
 
 Units: accuracies are fractions in [0, 1]; reductions are % (100 * (before - after) / before);
 accuracy drops are percentage points (100 * (baseline - pruned)); speedups are ratios of
@@ -9,7 +9,6 @@ latencies (baseline / pruned; > 1 means the pruned model is faster).
 from __future__ import annotations
 
 import csv
-import re
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,6 @@ PLOTS = {"flip_ratio": "reports/plots/flip_ratio.png", "channels": "reports/plot
          "latency": "reports/plots/latency.png"}
 STUDY_PLOT = "reports/plots/study_pareto.png"  # written by the study_summary stage
 LATENCY_CSV = "reports/plots/latency.csv"
-SUMMARY_TAG = "bnnprune.summary"  # tag of the one summary run per pipeline execution
-LINK_TAG = "bnnprune.stage_run."  # + stage name: run id of the stage run the summary covers
 
 # input name -> (path, the DVC stage that writes it)
 INPUTS = {
@@ -325,7 +322,7 @@ def write_report(root: str | Path = ".",
     return summary
 
 
-# ---- MLflow: the summary run and `bnnprune compare` ------------------------------------------
+# ---- headline metrics: DVC's metrics file and the summary run's ------------------------------
 
 def dvc_metrics(s: dict[str, Any]) -> dict[str, float]:
     """The headline, most telling first (`dvc exp show` collapses columns from the right):
@@ -355,99 +352,3 @@ def headline_metrics(s: dict[str, Any]) -> dict[str, float]:
     if s["bnn_vs_float"]["speedup"] is not None:
         out[f"packed_vs_float_speedup_b{batch.get('cpu', 0)}"] = s["bnn_vs_float"]["speedup"]
     return out
-
-
-def link_stage_runs(run: Any) -> dict[str, str]:
-    """Tag the summary run with the run id of every stage: the newest finished run of that
-    stage from the same git commit (and DVC experiment, when set), else - a stage DVC skipped
-    because nothing changed - its newest finished run. Runs without a parent become children
-    of the summary run, so the MLflow UI shows one row per pipeline execution."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    tags = run.data.tags
-    same = {"git_commit": tags.get("git_commit"), "dvc_exp_name": tags.get("dvc_exp_name")}
-    chosen: dict[str, tuple[bool, Any]] = {}  # stage -> (same execution?, run); newest first
-    for found in client.search_runs([run.info.experiment_id], "attributes.status = 'FINISHED'",
-                                    order_by=["attributes.start_time DESC"], max_results=1000):
-        t = found.data.tags
-        stage = t.get("stage")
-        if not stage or SUMMARY_TAG in t or found.info.run_id == run.info.run_id:
-            continue
-        match = all(t.get(k) == v for k, v in same.items())
-        if stage not in chosen or (match and not chosen[stage][0]):
-            chosen[stage] = (match, found)
-    links = {}
-    for stage, (_, stage_run) in sorted(chosen.items()):
-        links[stage] = stage_run.info.run_id
-        # MLflow tag keys allow no '@' (foreach stages are named like compare@latent)
-        key = LINK_TAG + re.sub(r"[^\w\-. :/]", ":", stage)
-        client.set_tag(run.info.run_id, key, stage_run.info.run_id)
-        if "mlflow.parentRunId" not in stage_run.data.tags:
-            client.set_tag(stage_run.info.run_id, "mlflow.parentRunId", run.info.run_id)
-    return links
-
-
-def log_summary_run(summary: dict[str, Any], root: str | Path = ".") -> dict[str, str]:
-    """Inside the report stage's MLflow run: mark it as the summary run, log the headline
-    metrics and artifacts, link the stage runs."""
-    import mlflow
-
-    from bnnprune.tracking import log_artifacts, log_metrics
-
-    run = mlflow.active_run()
-    if run is None:
-        return {}
-    mlflow.set_tags({SUMMARY_TAG: "true", "dataset": summary["dataset"]})
-    log_metrics(headline_metrics(summary))
-    root = Path(root)
-    log_artifacts(root / SUMMARY_JSON, root / METRICS_JSON, root / SUMMARY_MD,
-                  *(root / p for p in PLOTS.values()))
-    return link_stage_runs(mlflow.get_run(run.info.run_id))
-
-
-# headline metric (a prefix for speedups, whose names end in their batch size) -> column
-COMPARE_METRICS = {"test_acc": "test_acc", "acc_drop_pt": "drop_pt",
-                   "bops_reduction_pct": "BOPs-%", "ops_reduction_pct": "OPs-%",
-                   "speedup_cpu_b": "x cpu", "speedup_ort_b": "x ort"}
-
-
-def compare_table(runs: Any, all_params: bool = False) -> str:
-    """A text table of summary runs (a `mlflow.search_runs` DataFrame): the params that differ
-    between them (or all with `all_params`) and the headline metrics, newest first."""
-    if runs.empty:
-        return "no summary runs yet: run the pipeline (dvc repro) with MLflow tracking on"
-    param_cols = [c for c in runs.columns if c.startswith("params.")]
-    if not all_params:
-        param_cols = [c for c in param_cols if runs[c].astype(str).nunique() > 1]
-    header = ["run", "started", "experiment", "commit"] + [c.removeprefix("params.")
-                                                            for c in param_cols]
-    header += list(COMPARE_METRICS.values())
-    rows = [header]
-    for _, r in runs.iterrows():
-        row = [r["run_id"][:8], r["start_time"].strftime("%Y-%m-%d %H:%M"),
-               str(r.get("tags.dvc_exp_name") or "-"), str(r.get("tags.git_commit") or "")[:7]]
-        row += [str(r[c]) for c in param_cols]
-        for m in COMPARE_METRICS:
-            found = [r[c] for c in runs.columns if c == f"metrics.{m}" or (
-                m.endswith("_b") and c.startswith(f"metrics.{m}") and r[c] == r[c])]
-            v = found[0] if found else None
-            row.append("-" if v is None or v != v else f"{v:.4g}")
-        rows.append(row)
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True))
-             for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
-
-
-def compare(max_runs: int = 20, all_params: bool = False) -> str:
-    import mlflow
-
-    from bnnprune.tracking import EXPERIMENT, ensure_experiment
-
-    ensure_experiment()
-    runs = mlflow.search_runs(experiment_names=[EXPERIMENT],
-                              filter_string=f"tags.`{SUMMARY_TAG}` = 'true'",
-                              order_by=["attributes.start_time DESC"], max_results=max_runs)
-    return compare_table(runs, all_params)

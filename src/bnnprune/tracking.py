@@ -18,8 +18,13 @@ joined by "/" (MLflow groups charts on it); a unit suffix where the quantity has
 `_ms`, `_bytes`, `_bits`, `_pct`, `_pt`); no bare "size" and no "seconds". A batch size is part of
 a latency or speedup name (`_b64`). A value logged without a step for a metric that already has
 a per-step curve in the run (a stage's final val_acc after its per-epoch val_acc) is logged as
-`final/<name>`, so the curve is not followed by a point at step 0. Names that code the criteria
-study depends on still logs (LEGACY_NAMES) are renamed on the way, see there.
+`final/<name>`, so the curve is not followed by a point at step 0. Layer names become segments
+through layer_segment ("blocks.1.layer" -> "blocks_1").
+
+The experiment is tagged as a model-training one (EXPERIMENT_KIND; MLflow 3.17's UI picks its
+view from its sidebar switch instead, see README). The training and summary runs log the
+prepared dataset as a dataset input (log_dataset), its digest from the card's checksums
+(dataset_digest).
 
 A run that ends FAILED carries its error: tag `error` (type and message) and the artifact
 `error.txt` (the traceback), logged before it is marked FAILED.
@@ -28,6 +33,7 @@ A run that ends FAILED carries its error: tag `error` (type and message) and the
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -36,6 +42,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,7 +53,16 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 import mlflow  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+import numpy as np  # noqa: E402
+from mlflow.entities import (  # noqa: E402
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LoggedModelOutput,
+    Metric,
+    Param,
+    RunTag,
+)
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient, fluent  # noqa: E402
 
@@ -63,16 +79,8 @@ JOURNAL_DIR = ".bnnprune/journal"  # under the project root
 METRIC_NAME = re.compile(r"(?!.*(?:^|[/_])(?:seconds|secs?)(?:$|[/_]))(?!.*(?:^|[/_])size(?:$|/))"
                          r"[a-z][a-z0-9_]*(?:/[a-z0-9][a-z0-9_]*)*")
 
-# Metric names still logged by code whose edit would re-run the criteria study's 36 cells:
-# stages/study_cell.py and the library it imports are the cells' DVC deps; stages/prepare.py,
-# stages/train.py and src/bnnprune/train.py are upstream of models/baseline.pt (a re-run of the
-# train stage rewrites it: torch.save embeds the temporary file name), and
-# stages/study_sensitivity.py of layer_sensitivity.json. Renamed here until those
-# files are next edited for another reason; layer names "blocks.1.layer" become "blocks_1".
-LEGACY_NAMES = {"size_train": "images/train", "size_val": "images/val",
-                "size_test": "images/test", "train_seconds": "wall_time_s",
-                "seconds": "wall_time_s"}
-_LAYER = re.compile(r"(?<=/)blocks\.\d+(?:\.layer)?$")
+# The experiment tag that says what it is for ("genai_development" is the GenAI kind)
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 class TrackingError(RuntimeError):
@@ -89,8 +97,7 @@ def layer_segment(layer: str) -> str:
 
 
 def metric_name(name: str) -> str:
-    """`name` after the LEGACY_NAMES renames; MetricNameError when it breaks METRIC_NAME."""
-    name = _LAYER.sub(lambda m: layer_segment(m.group(0)), LEGACY_NAMES.get(name, name))
+    """`name` itself; MetricNameError when it breaks METRIC_NAME."""
     if not METRIC_NAME.fullmatch(name):
         raise MetricNameError(
             f"metric name {name!r} breaks the naming rule (tracking.METRIC_NAME): snake_case "
@@ -157,7 +164,12 @@ def ensure_experiment(retries: int = 3) -> str:
             with _sqlite_creation_lock(uri):
                 client = MlflowClient(uri)
                 exp = client.get_experiment_by_name(EXPERIMENT)
-                return exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
+                if exp is None:
+                    return client.create_experiment(EXPERIMENT, tags=EXPERIMENT_KIND)
+                for key, value in EXPERIMENT_KIND.items():
+                    if exp.tags.get(key) != value:  # created before the tag, or by MLflow
+                        client.set_experiment_tag(exp.experiment_id, key, value)
+                return exp.experiment_id
         except Exception as e:  # no server, or a database we cannot open
             last = e
             time.sleep(0.5 * (attempt + 1))
@@ -269,6 +281,40 @@ def log_artifacts(*paths: str | Path) -> None:
               if p.is_dir() else (lambda p=p: mlflow.log_artifact(str(p))))
 
 
+def dataset_digest(card: dict[str, Any]) -> str:
+    """The prepared dataset's digest: of the card's source checksums and what decides the splits
+    (seed, validation fraction, split sizes), so another subset or split gets another digest."""
+    keys = ("dataset", "sources", "seed", "val_fraction", "sizes")
+    text = json.dumps({k: card.get(k) for k in keys}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def log_dataset(card: dict[str, Any], path: str | Path, context: str) -> None:
+    """Log the prepared dataset (folder `path`, described by `card`) as an input of the active
+    run: metadata only (name, digest, where it is, tensor schema), nothing is read again."""
+    if not mlflow.active_run():
+        return
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import Schema, TensorSpec
+
+    schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, *card["shape"]), "images"),
+                     TensorSpec(np.dtype(np.int64), (-1,), "labels")])
+    with warnings.catch_warnings():  # MLflow registers the local source for "" and "file://"
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+        source = resolve_dataset_source(str(project_root() / path))
+    dataset = MetaDataset(source, card["dataset"], dataset_digest(card), schema)
+    _call(lambda: {"op": "dataset", "dataset": dataset.to_dict(), "context": context},
+          lambda: mlflow.log_input(dataset, context=context))
+
+
+def log_model_output(model_id: str) -> None:
+    """Show the LoggedModel `model_id` (logged by another run) as an output of the active run."""
+    if mlflow.active_run():
+        _call(lambda: {"op": "model_output", "model_id": model_id},
+              lambda: mlflow.log_outputs([LoggedModelOutput(model_id, step=0)]))
+
+
 @contextmanager
 def _fluent_calls_journaled() -> Iterator[None]:
     """Library code that calls mlflow's fluent API itself (train.fit's per-epoch metrics,
@@ -340,8 +386,12 @@ def stage_run(stage: str, params: Any, config_hash: str) -> Iterator[Any]:
                                 f"{stage!r} started its run ({type(e).__name__}: {e})") from e
         raise
     journal = _journal = _Journal(run.info.run_id, stage, tracking_uri())
-    if run_id:
-        set_tag("resumed", "true")
+    if run_id:  # tagged as this execution's (the summary run links runs by these tags)
+        tags = _tags(stage, config_hash)
+        set_tags({**tags, "resumed": "true"})
+        if "dvc_exp_name" in run.data.tags and "dvc_exp_name" not in tags:
+            _call(lambda: {"op": "delete_tag", "key": "dvc_exp_name"},
+                  lambda: MlflowClient().delete_tag(run.info.run_id, "dvc_exp_name"))
     else:
         log_params(_run_params(stage, params))
     save_json(state_file, {"run_id": run.info.run_id, "config_hash": config_hash})
@@ -385,11 +435,18 @@ def _replay(client: MlflowClient, run_id: str, entry: dict[str, Any]) -> None:
             client.log_artifact(run_id, entry["path"], entry["artifact_path"])
     elif op == "text":
         client.log_text(run_id, entry["text"], entry["artifact_file"])
+    elif op == "dataset":
+        tags = [InputTag("mlflow.data.context", entry["context"])]
+        client.log_inputs(run_id, [DatasetInput(Dataset(**entry["dataset"]), tags)])
+    elif op == "model_output":
+        client.log_outputs(run_id, [LoggedModelOutput(entry["model_id"], step=0)])
+    elif op == "delete_tag":
+        client.delete_tag(run_id, entry["key"])
     elif op == "end":
         client.set_terminated(run_id, entry["status"], entry["end_time"])
     else:
         raise TrackingError(f"unknown journal entry {op!r}; expected metrics, tags, params, "
-                            f"artifact, text or end")
+                            f"artifact, text, dataset, model_output, delete_tag or end")
 
 
 def backfill() -> list[str]:

@@ -34,6 +34,7 @@ from bnnprune.data import Split, normalize
 from bnnprune.files import save_torch
 from bnnprune.flips import FlipCounter
 from bnnprune.models import BNN, build_model
+from bnnprune.tracking import layer_segment
 
 
 class TrainingError(RuntimeError):
@@ -263,7 +264,7 @@ def fit(model: BNN, train: Split, val: Split, card: dict, cfg: TrainConfig,
                    f" train_acc {record['train_acc']:.4f} val_acc {record['val_acc']:.4f}")
         if mlflow.active_run():
             mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
-            mlflow.log_metrics({f"flip_ratio/{n}": r for n, r in ratios.items()},
+            mlflow.log_metrics({f"flip_ratio/{layer_segment(n)}": r for n, r in ratios.items()},
                                step=epoch + 1)
         if resume_path:
             save_torch(resume_path, {"key": key, "epoch": epoch, "model": model.state_dict(),
