@@ -110,6 +110,18 @@ def test_tiny_pipeline_logs_to_the_postgres_backed_server(server, e2e_project, t
         summary["pruned"]["test_acc"])
 
 
+def test_the_server_restarts_right_after_a_stop(server):
+    """`make mlflow-server-stop && make mlflow-server`: the connections the server just closed
+    (TIME_WAIT on its port) must not make the start refuse the port; the data is kept."""
+    uri, env = server
+    before = MlflowClient(uri).search_experiments()
+    for action in ("stop", "start"):
+        proc = subprocess.run([str(SCRIPT), action], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [e.name for e in MlflowClient(uri).search_experiments()] == [e.name for e in before]
+
+
 def test_stage_started_while_the_server_is_down_stops_before_any_work(tmp_path):
     """No server at the URI: the stage fails at once with one line naming the URI and the ways
     out, and writes nothing (the reliability rule: finished work is never thrown away)."""

@@ -101,16 +101,18 @@ def compare_table(runs: Any, all_params: bool = False) -> str:
     header = ["run", "started", "experiment", "commit"] + [c.removeprefix("params.")
                                                             for c in param_cols]
     header += list(COMPARE_METRICS.values())
+    # a speedup's column name ends in its batch size, which may differ between runs
+    columns = {m: [c for c in runs.columns if c == f"metrics.{m}"
+                   or (m.endswith("_b") and c.startswith(f"metrics.{m}"))]
+               for m in COMPARE_METRICS}
     rows = [header]
     for _, r in runs.iterrows():
         row = [r["run_id"][:8], r["start_time"].strftime("%Y-%m-%d %H:%M"),
                str(r.get("tags.dvc_exp_name") or "-"), str(r.get("tags.git_commit") or "")[:7]]
         row += [str(r[c]) for c in param_cols]
         for m in COMPARE_METRICS:
-            found = [r[c] for c in runs.columns if c == f"metrics.{m}" or (
-                m.endswith("_b") and c.startswith(f"metrics.{m}") and r[c] == r[c])]
-            v = found[0] if found else None
-            row.append("-" if v is None or v != v else f"{v:.4g}")
+            v = next((r[c] for c in columns[m] if r[c] == r[c]), None)  # the first not NaN
+            row.append("-" if v is None else f"{v:.4g}")
         rows.append(row)
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True))
