@@ -77,6 +77,12 @@ def test_latency_by_batch_size_per_backend(result):
     assert flat["pruned/torch_float/latency_ms_b1"] == by["batch_1"]["torch_float"]["pruned_ms"]
 
 
+def test_batch_key_round_trip():
+    assert benchmark.batch_key(64) == "batch_64"
+    assert benchmark.batch_size_of("batch_64") == 64
+    assert all(benchmark.batch_size_of(benchmark.batch_key(b)) == b for b in (1, 8, 256))
+
+
 def test_batch_of_repeats_images_to_fill_the_batch():
     images = torch.arange(3.0).view(3, 1, 1, 1)
     assert benchmark.batch_of(images, 7).flatten().tolist() == [0, 1, 2, 0, 1, 2, 0]

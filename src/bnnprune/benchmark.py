@@ -52,6 +52,16 @@ REPORT_KEYS = {"packed_cpu": "cpu", "torch_float": "torch", "triton_cuda": "trit
 TRITON_DEVICE = "cuda"
 
 
+def batch_key(batch_size: int) -> str:
+    """The key of a batch size in the JSON results: 64 -> "batch_64"."""
+    return f"batch_{batch_size}"
+
+
+def batch_size_of(key: str) -> int:
+    """The batch size of a `batch_key`: "batch_64" -> 64."""
+    return int(key.removeprefix("batch_"))
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -343,7 +353,7 @@ def by_batch(models: dict[str, BNN], images: torch.Tensor, batch_sizes: list[int
                        "pruned_ms_min": pruned["latency_ms_min"], "speedup": speedup,
                        "speedup_of_min_ms": base["latency_ms_min"] / pruned["latency_ms_min"],
                        "work_ratio": ratio, "share_of_work_ratio": speedup / ratio}
-        out[f"batch_{bs}"] = rows
+        out[batch_key(bs)] = rows
     return out
 
 
@@ -386,7 +396,7 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
             if row["binary"]:
                 out[f"layer/{layer}/baseline_pct_of_peak"] = row["baseline_pct_of_peak"]
     for batch, rows in result.get("by_batch", {}).items():
-        bb = f"_b{batch.removeprefix('batch_')}"
+        bb = f"_b{batch_size_of(batch)}"
         for b, r in rows.items():
             out[f"baseline/{b}/latency_ms{bb}"] = r["baseline_ms"]
             out[f"pruned/{b}/latency_ms{bb}"] = r["pruned_ms"]

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnnprune.benchmark import time_interleaved
+from bnnprune.benchmark import batch_key, batch_size_of, time_interleaved
 from bnnprune.binary import BinaryConv2d, BinaryLinear, binarize, binary_layers
 from bnnprune.config import ExportConfig
 from bnnprune.data import Split
@@ -326,7 +326,7 @@ def latency(sessions: dict[str, ort.InferenceSession], images: torch.Tensor,
                                   for name, sess in sessions.items()}, warmup, repeats)
         for name in sessions:
             med, low = round(statistics.median(times[name]), 4), round(min(times[name]), 4)
-            out[name][f"batch_{bs}"] = {"median": med, "min": low} if stat == "both" else med
+            out[name][batch_key(bs)] = {"median": med, "min": low} if stat == "both" else med
     return out
 
 
@@ -417,10 +417,10 @@ def export_metrics(result: dict[str, Any]) -> dict[str, float]:
         for stat, by_batch in (("latency_ms", m["latency_ms"]),
                                ("latency_min_ms", m["latency_ms_min"])):
             for batch, ms in by_batch.items():
-                out[f"{name}/onnxruntime/{stat}_b{batch.removeprefix('batch_')}"] = ms
+                out[f"{name}/onnxruntime/{stat}_b{batch_size_of(batch)}"] = ms
     for key in ("speedup", "speedup_min", "speedup_vs_mac_ratio"):
         for batch, value in result.get(key, {}).items():
-            out[f"{key}/onnxruntime_b{batch.removeprefix('batch_')}"] = value
+            out[f"{key}/onnxruntime_b{batch_size_of(batch)}"] = value
     if "mac_ratio" in result:
         out["mac_ratio"] = result["mac_ratio"]
     out["parity_passed"] = float(result["parity_passed"])

@@ -12,7 +12,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from bnnprune.benchmark import layer_table_md
+from bnnprune.benchmark import batch_size_of, layer_table_md
 from bnnprune.files import load_json, save_csv, save_json, write_atomic
 from bnnprune.models import load_checkpoint
 from bnnprune.ops import count_ops, reduction_pct
@@ -115,10 +115,10 @@ def speedups(benchmark: dict, export: dict) -> dict[str, Any]:
         out["rows"].append({"backend": f"{backend} (batch {batch})" if batch else backend,
                             "baseline_ms": r["baseline_ms"], "pruned_ms": r["pruned_ms"]})
     models = _get(export, "models", INPUTS["export"][0])
-    key = max(models["pruned"]["latency_ms"], key=lambda k: int(k.split("_")[-1]))
-    out["batch"]["onnxruntime"] = int(key.split("_")[-1])
+    key = max(models["pruned"]["latency_ms"], key=batch_size_of)
+    out["batch"]["onnxruntime"] = batch_size_of(key)
     out["speedup"]["onnxruntime"] = _get(export, "speedup", INPUTS["export"][0])[key]
-    out["rows"].append({"backend": f"onnxruntime ({key.replace('_', ' ')})",
+    out["rows"].append({"backend": f"onnxruntime (batch {batch_size_of(key)})",
                         "baseline_ms": models["baseline"]["latency_ms"][key],
                         "pruned_ms": models["pruned"]["latency_ms"][key]})
     return out
@@ -129,15 +129,15 @@ def latency_by_batch(benchmark: dict, export: dict) -> list[dict[str, Any]]:
     baseline and pruned ms (median and min), the speedup of the medians and of the minimums,
     the work ratio that backend executes and the speedup's share of it. Benchmarks older than
     `by_batch` give no torch/engine rows."""
-    rows = [{"backend": b, "batch": int(batch.removeprefix("batch_")), "work": work, **r}
+    rows = [{"backend": b, "batch": batch_size_of(batch), "work": work, **r}
             for batch, by in benchmark.get("by_batch", {}).items()
             for b, work in (("torch_float", "MACs"), ("packed_cpu", "OPs")) for r in [by[b]]]
     models = _get(export, "models", INPUTS["export"][0])
     base, pruned = models["baseline"], models["pruned"]
-    for key in sorted(pruned["latency_ms"], key=lambda k: int(k.split("_")[-1])):
+    for key in sorted(pruned["latency_ms"], key=batch_size_of):
         speedup = base["latency_ms"][key] / pruned["latency_ms"][key]
         lows = (base.get("latency_ms_min", {}).get(key), pruned.get("latency_ms_min", {}).get(key))
-        rows.append({"backend": "onnxruntime", "batch": int(key.split("_")[-1]), "work": "MACs",
+        rows.append({"backend": "onnxruntime", "batch": batch_size_of(key), "work": "MACs",
                      "baseline_ms": base["latency_ms"][key], "baseline_ms_min": lows[0],
                      "pruned_ms": pruned["latency_ms"][key], "pruned_ms_min": lows[1],
                      "speedup": speedup,
