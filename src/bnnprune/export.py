@@ -203,11 +203,19 @@ def verify(path: str | Path, card: dict | None = None) -> onnx.ModelProto:
     return model
 
 
-def session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
-    """A plain onnxruntime CPU session with default graph optimisations (as a client gets)."""
+SPINNING = "session.intra_op.allow_spinning"  # onnxruntime's session config key
+
+
+def session(path: str | Path, threads: int = 0,
+            spinning: bool = True) -> ort.InferenceSession:
+    """A plain onnxruntime CPU session with default graph optimisations (as a client gets).
+
+    spinning=False stops the intra-op pool's threads spinning after a run: two sessions timed
+    in one process (`latency`) would otherwise take each other's cores."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    options.add_session_config_entry(SPINNING, "1" if spinning else "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -317,7 +325,8 @@ def latency(sessions: dict[str, ort.InferenceSession], images: torch.Tensor,
             stat: str = "median") -> dict[str, dict[str, float]]:
     """Milliseconds per batch of each session (`stat`: median, or min with stat="both" giving
     {"median": ..., "min": ...}), measured interleaved (`benchmark.time_interleaved`, rotating
-    order) in one run so both models see the same machine load: {name: {"batch_1": ms}}."""
+    order) in one run so both models see the same machine load: {name: {"batch_1": ms}}.
+    Make the sessions with `session(..., spinning=False)`, or they take each other's cores."""
     out: dict[str, dict[str, Any]] = {name: {} for name in sessions}
     for bs in batch_sizes:
         reps = -(-bs // len(images))
@@ -337,12 +346,12 @@ def export_and_check(models: dict[str, tuple[BNN, str | Path]], test: Split, car
     `models`: {"baseline": (model, "models/baseline.onnx"), "pruned": (...)}; the result is
     the content of reports/metrics/export.json."""
     result: dict[str, Any] = {"exporter": cfg.exporter, "opset": cfg.opset,
-                              "threads": cfg.threads, "models": {}}
+                              "threads": cfg.threads, "ort_allow_spinning": False, "models": {}}
     sessions = {}
     for name, (model, path) in models.items():
         model.eval()
         export_onnx(model, card, path, cfg)
-        sessions[name] = session(path, cfg.threads)
+        sessions[name] = session(path, cfg.threads, spinning=result["ort_allow_spinning"])
         result["models"][name] = {"path": str(path), "size_bytes": Path(path).stat().st_size,
                                   "parity": parity(model, sessions[name], test, card,
                                                    cfg.tolerance, cfg.max_outlier_fraction)}
