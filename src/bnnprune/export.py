@@ -206,16 +206,19 @@ def verify(path: str | Path, card: dict | None = None) -> onnx.ModelProto:
 SPINNING = "session.intra_op.allow_spinning"  # onnxruntime's session config key
 
 
-def session(path: str | Path, threads: int = 0,
-            spinning: bool = True) -> ort.InferenceSession:
+def session(path: str | Path, threads: int = 0, spinning: bool = True,
+            optimized_model_filepath: str | Path | None = None) -> ort.InferenceSession:
     """A plain onnxruntime CPU session with default graph optimisations (as a client gets).
 
     spinning=False stops the intra-op pool's threads spinning after a run: two sessions timed
-    in one process (`latency`) would otherwise take each other's cores."""
+    in one process (`latency`) would otherwise take each other's cores. With
+    `optimized_model_filepath` onnxruntime writes its optimised graph there."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     options.add_session_config_entry(SPINNING, "1" if spinning else "0")
+    if optimized_model_filepath is not None:
+        options.optimized_model_filepath = str(optimized_model_filepath)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -227,16 +230,14 @@ def executed_convs(path: str | Path, model: BNN, threads: int = 0) -> dict[str, 
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        graph = onnx.load(options.optimized_model_filepath).graph
+        optimized = Path(tmp) / "optimized.onnx"
+        session(path, threads, optimized_model_filepath=optimized)
+        graph = onnx.load(str(optimized)).graph
     shapes = {init.name: list(init.dims) for init in graph.initializer}
     convs = [(n.domain, shapes[n.input[1]]) for n in graph.node if n.op_type == "Conv"
              and all(a.i == 1 for a in n.attribute if a.name == "group")]  # not BN as 1x1
-    rows = [r for r in count_ops(model)["layers"] if r["kind"] == "conv"]
+    ops = count_ops(model)
+    rows = [r for r in ops["layers"] if r["kind"] == "conv"]
     if len(convs) != len(rows):
         raise ExportError(f"{path}: onnxruntime's graph has {len(convs)} convolutions, the "
                           f"model {len(rows)}")
@@ -249,7 +250,7 @@ def executed_convs(path: str | Path, model: BNN, threads: int = 0) -> dict[str, 
                              "channels": [r["in_channels"], r["out_channels"]],
                              "executed_channels": [in_p, out_p], "macs": macs,
                              "executed_macs": executed}
-    total = count_ops(model)["total"]
+    total = ops["total"]
     return {"conv_layers": len(rows), "nchwc_layers": sum(v["nchwc"] for v in layers.values()),
             "layers": layers, "executed_macs": total["bops"] + total["flops"] + extra}
 
