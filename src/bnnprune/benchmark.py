@@ -199,9 +199,10 @@ def run_benchmark(models: dict[str, BNN], images: torch.Tensor, batch_size: int,
     whole-model latency table (`by_batch`) at these too. Thread counts are restored afterwards."""
     saved = torch.get_num_threads(), numba.get_num_threads()
     try:
-        result = _run(models, images, batch_size, threads, warmup, repeats, check_images)
-        result["by_batch"] = by_batch(models, images, batch_sizes or [batch_size], result,
-                                      warmup, repeats)
+        result, engines = _run(models, images, batch_size, threads, warmup, repeats,
+                               check_images)
+        result["by_batch"] = by_batch(models, engines, images, batch_sizes or [batch_size],
+                                      result, warmup, repeats)
         return result
     finally:
         torch.set_num_threads(saved[0])
@@ -209,7 +210,9 @@ def run_benchmark(models: dict[str, BNN], images: torch.Tensor, batch_size: int,
 
 
 def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads: int,
-         warmup: int, repeats: int, check_images: torch.Tensor | None) -> dict[str, Any]:
+         warmup: int, repeats: int,
+         check_images: torch.Tensor | None) -> tuple[dict[str, Any], dict[str, PackedModel]]:
+    """The result at `batch_size`, and the packed engines it built (for `by_batch`)."""
     if threads > 0:
         torch.set_num_threads(threads)
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
@@ -312,7 +315,7 @@ def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads:
         "prediction_mismatches_by_backend": mism_by_backend,
         "backends": backends,
         "layers": layers,
-    }
+    }, engines
 
 
 def batch_of(images: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -320,14 +323,15 @@ def batch_of(images: torch.Tensor, batch_size: int) -> torch.Tensor:
     return images.repeat(-(-batch_size // len(images)), 1, 1, 1)[:batch_size].contiguous()
 
 
-def by_batch(models: dict[str, BNN], images: torch.Tensor, batch_sizes: list[int],
-             result: dict[str, Any], warmup: int, repeats: int) -> dict[str, dict[str, Any]]:
+def by_batch(models: dict[str, BNN], engines: dict[str, PackedModel], images: torch.Tensor,
+             batch_sizes: list[int], result: dict[str, Any], warmup: int,
+             repeats: int) -> dict[str, dict[str, Any]]:
     """Baseline vs pruned whole-model latency of torch float and the packed engine at each batch
     size, interleaved per batch size: {"batch_<b>": {backend: row}}, a row holding median and
     min ms of both models, the speedup of the medians and of the minimums, the work ratio the
     backend executes (MACs for torch float, OPs for the engine) and the speedup's share of it.
-    The headline batch size reuses `result`'s rounds instead of timing again."""
-    engines = {name: PackedModel.from_model(m) for name, m in models.items()}
+    The headline batch size reuses `result`'s rounds instead of timing again; `engines`: the
+    packed engines `_run` built for `models`."""
     out: dict[str, dict[str, Any]] = {}
     for bs in batch_sizes:
         if bs == result["config"]["batch_size"]:
