@@ -13,12 +13,23 @@ def tiny(channels):
     return build_model(cfg, seed=0).eval()
 
 
+ENGINES_BUILT: list = []  # the models `result` built a packed engine of
+
+
 @pytest.fixture(scope="module")
 def result():
     models = {"baseline": tiny([8, 8, 16, 16, 32, 32]), "pruned": tiny([8, 5, 9, 16, 17, 32])}
     images = torch.randn(40, 1, 28, 28)
-    return benchmark.run_benchmark(models, images, batch_size=8, threads=1, warmup=1,
-                                   repeats=3, batch_sizes=[1, 8, 50])
+    build = benchmark.PackedModel.from_model
+
+    def counted(model, **kwargs):
+        ENGINES_BUILT.append(model)
+        return build(model, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(benchmark.PackedModel, "from_model", staticmethod(counted))
+        return benchmark.run_benchmark(models, images, batch_size=8, threads=1, warmup=1,
+                                       repeats=3, batch_sizes=[1, 8, 50])
 
 
 def test_schema_and_positive_numbers(result):
@@ -62,6 +73,7 @@ def test_latency_by_batch_size_per_backend(result):
             assert 0 < r["pruned_ms_min"] <= r["pruned_ms"], (batch, b)
             assert r["speedup"] == pytest.approx(r["baseline_ms"] / r["pruned_ms"])
             assert r["share_of_work_ratio"] == pytest.approx(r["speedup"] / r["work_ratio"])
+    assert len(ENGINES_BUILT) == 2  # by_batch reuses the main loop's engines
     # the headline batch is the main loop's rounds, not a second timing
     assert by["batch_8"]["packed_cpu"]["speedup"] == result["speedup"]["packed_cpu"]
     assert by["batch_8"]["torch_float"]["baseline_ms"] == \
@@ -75,6 +87,12 @@ def test_latency_by_batch_size_per_backend(result):
     flat = benchmark.flat_metrics(result)
     assert flat["speedup/packed_cpu_b50"] == by["batch_50"]["packed_cpu"]["speedup"]
     assert flat["pruned/torch_float/latency_ms_b1"] == by["batch_1"]["torch_float"]["pruned_ms"]
+
+
+def test_batch_key_round_trip():
+    assert benchmark.batch_key(64) == "batch_64"
+    assert benchmark.batch_size_of("batch_64") == 64
+    assert all(benchmark.batch_size_of(benchmark.batch_key(b)) == b for b in (1, 8, 256))
 
 
 def test_batch_of_repeats_images_to_fill_the_batch():

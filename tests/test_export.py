@@ -192,6 +192,27 @@ def test_export_and_check_times_both_models_side_by_side(tmp_path, test_split):
     assert result["executed_mac_ratio"] == pytest.approx(executed[0] / executed[1])
 
 
+def test_timed_sessions_do_not_spin(tmp_path, test_split, monkeypatch):
+    """Two sessions timed in one process must not spin (each would take the other's cores):
+    the sessions export_and_check hands to `latency` have allow_spinning 0 (nothing timed)."""
+    timed = {}
+
+    def fake_latency(sessions, images, batch_sizes, repeats, **kwargs):
+        timed.update(sessions)
+        return {name: {"batch_1": {"median": 1.0, "min": 1.0}} for name in sessions}
+
+    monkeypatch.setattr(export, "latency", fake_latency)
+    result = export.export_and_check(
+        {"baseline": (trained_like([8, 8, 16, 16, 32, 32]), tmp_path / "b.onnx"),
+         "pruned": (trained_like(PRUNED_CHANNELS), tmp_path / "p.onnx")},
+        test_split, CARD, ExportConfig(exporter="legacy", threads=1))
+    assert set(timed) == {"baseline", "pruned"} and result["ort_allow_spinning"] is False
+    for sess in timed.values():
+        assert sess.get_session_options().get_session_config_entry(export.SPINNING) == "0"
+    client = export.session(tmp_path / "p.onnx")  # a client's session keeps the default
+    assert client.get_session_options().get_session_config_entry(export.SPINNING) == "1"
+
+
 def test_executed_convs_read_the_channel_padding_off_onnxruntimes_graph(pruned):
     model, path = pruned
     e = export.executed_convs(path, model, threads=1)

@@ -52,6 +52,16 @@ REPORT_KEYS = {"packed_cpu": "cpu", "torch_float": "torch", "triton_cuda": "trit
 TRITON_DEVICE = "cuda"
 
 
+def batch_key(batch_size: int) -> str:
+    """The key of a batch size in the JSON results: 64 -> "batch_64"."""
+    return f"batch_{batch_size}"
+
+
+def batch_size_of(key: str) -> int:
+    """The batch size of a `batch_key`: "batch_64" -> 64."""
+    return int(key.removeprefix("batch_"))
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -189,9 +199,10 @@ def run_benchmark(models: dict[str, BNN], images: torch.Tensor, batch_size: int,
     whole-model latency table (`by_batch`) at these too. Thread counts are restored afterwards."""
     saved = torch.get_num_threads(), numba.get_num_threads()
     try:
-        result = _run(models, images, batch_size, threads, warmup, repeats, check_images)
-        result["by_batch"] = by_batch(models, images, batch_sizes or [batch_size], result,
-                                      warmup, repeats)
+        result, engines = _run(models, images, batch_size, threads, warmup, repeats,
+                               check_images)
+        result["by_batch"] = by_batch(models, engines, images, batch_sizes or [batch_size],
+                                      result, warmup, repeats)
         return result
     finally:
         torch.set_num_threads(saved[0])
@@ -199,7 +210,9 @@ def run_benchmark(models: dict[str, BNN], images: torch.Tensor, batch_size: int,
 
 
 def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads: int,
-         warmup: int, repeats: int, check_images: torch.Tensor | None) -> dict[str, Any]:
+         warmup: int, repeats: int,
+         check_images: torch.Tensor | None) -> tuple[dict[str, Any], dict[str, PackedModel]]:
+    """The result at `batch_size`, and the packed engines it built (for `by_batch`)."""
     if threads > 0:
         torch.set_num_threads(threads)
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
@@ -302,7 +315,7 @@ def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads:
         "prediction_mismatches_by_backend": mism_by_backend,
         "backends": backends,
         "layers": layers,
-    }
+    }, engines
 
 
 def batch_of(images: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -310,14 +323,15 @@ def batch_of(images: torch.Tensor, batch_size: int) -> torch.Tensor:
     return images.repeat(-(-batch_size // len(images)), 1, 1, 1)[:batch_size].contiguous()
 
 
-def by_batch(models: dict[str, BNN], images: torch.Tensor, batch_sizes: list[int],
-             result: dict[str, Any], warmup: int, repeats: int) -> dict[str, dict[str, Any]]:
+def by_batch(models: dict[str, BNN], engines: dict[str, PackedModel], images: torch.Tensor,
+             batch_sizes: list[int], result: dict[str, Any], warmup: int,
+             repeats: int) -> dict[str, dict[str, Any]]:
     """Baseline vs pruned whole-model latency of torch float and the packed engine at each batch
     size, interleaved per batch size: {"batch_<b>": {backend: row}}, a row holding median and
     min ms of both models, the speedup of the medians and of the minimums, the work ratio the
     backend executes (MACs for torch float, OPs for the engine) and the speedup's share of it.
-    The headline batch size reuses `result`'s rounds instead of timing again."""
-    engines = {name: PackedModel.from_model(m) for name, m in models.items()}
+    The headline batch size reuses `result`'s rounds instead of timing again; `engines`: the
+    packed engines `_run` built for `models`."""
     out: dict[str, dict[str, Any]] = {}
     for bs in batch_sizes:
         if bs == result["config"]["batch_size"]:
@@ -343,7 +357,7 @@ def by_batch(models: dict[str, BNN], images: torch.Tensor, batch_sizes: list[int
                        "pruned_ms_min": pruned["latency_ms_min"], "speedup": speedup,
                        "speedup_of_min_ms": base["latency_ms_min"] / pruned["latency_ms_min"],
                        "work_ratio": ratio, "share_of_work_ratio": speedup / ratio}
-        out[f"batch_{bs}"] = rows
+        out[batch_key(bs)] = rows
     return out
 
 
@@ -386,7 +400,7 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
             if row["binary"]:
                 out[f"layer/{layer}/baseline_pct_of_peak"] = row["baseline_pct_of_peak"]
     for batch, rows in result.get("by_batch", {}).items():
-        bb = f"_b{batch.removeprefix('batch_')}"
+        bb = f"_b{batch_size_of(batch)}"
         for b, r in rows.items():
             out[f"baseline/{b}/latency_ms{bb}"] = r["baseline_ms"]
             out[f"pruned/{b}/latency_ms{bb}"] = r["pruned_ms"]

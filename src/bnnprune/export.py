@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnnprune.benchmark import time_interleaved
+from bnnprune.benchmark import batch_key, batch_size_of, time_interleaved
 from bnnprune.binary import BinaryConv2d, BinaryLinear, binarize, binary_layers
 from bnnprune.config import ExportConfig
 from bnnprune.data import Split
@@ -203,11 +203,22 @@ def verify(path: str | Path, card: dict | None = None) -> onnx.ModelProto:
     return model
 
 
-def session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
-    """A plain onnxruntime CPU session with default graph optimisations (as a client gets)."""
+SPINNING = "session.intra_op.allow_spinning"  # onnxruntime's session config key
+
+
+def session(path: str | Path, threads: int = 0, spinning: bool = True,
+            optimized_model_filepath: str | Path | None = None) -> ort.InferenceSession:
+    """A plain onnxruntime CPU session with default graph optimisations (as a client gets).
+
+    spinning=False stops the intra-op pool's threads spinning after a run: two sessions timed
+    in one process (`latency`) would otherwise take each other's cores. With
+    `optimized_model_filepath` onnxruntime writes its optimised graph there."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    options.add_session_config_entry(SPINNING, "1" if spinning else "0")
+    if optimized_model_filepath is not None:
+        options.optimized_model_filepath = str(optimized_model_filepath)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -219,16 +230,14 @@ def executed_convs(path: str | Path, model: BNN, threads: int = 0) -> dict[str, 
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        graph = onnx.load(options.optimized_model_filepath).graph
+        optimized = Path(tmp) / "optimized.onnx"
+        session(path, threads, optimized_model_filepath=optimized)
+        graph = onnx.load(str(optimized)).graph
     shapes = {init.name: list(init.dims) for init in graph.initializer}
     convs = [(n.domain, shapes[n.input[1]]) for n in graph.node if n.op_type == "Conv"
              and all(a.i == 1 for a in n.attribute if a.name == "group")]  # not BN as 1x1
-    rows = [r for r in count_ops(model)["layers"] if r["kind"] == "conv"]
+    ops = count_ops(model)
+    rows = [r for r in ops["layers"] if r["kind"] == "conv"]
     if len(convs) != len(rows):
         raise ExportError(f"{path}: onnxruntime's graph has {len(convs)} convolutions, the "
                           f"model {len(rows)}")
@@ -241,7 +250,7 @@ def executed_convs(path: str | Path, model: BNN, threads: int = 0) -> dict[str, 
                              "channels": [r["in_channels"], r["out_channels"]],
                              "executed_channels": [in_p, out_p], "macs": macs,
                              "executed_macs": executed}
-    total = count_ops(model)["total"]
+    total = ops["total"]
     return {"conv_layers": len(rows), "nchwc_layers": sum(v["nchwc"] for v in layers.values()),
             "layers": layers, "executed_macs": total["bops"] + total["flops"] + extra}
 
@@ -317,7 +326,8 @@ def latency(sessions: dict[str, ort.InferenceSession], images: torch.Tensor,
             stat: str = "median") -> dict[str, dict[str, float]]:
     """Milliseconds per batch of each session (`stat`: median, or min with stat="both" giving
     {"median": ..., "min": ...}), measured interleaved (`benchmark.time_interleaved`, rotating
-    order) in one run so both models see the same machine load: {name: {"batch_1": ms}}."""
+    order) in one run so both models see the same machine load: {name: {"batch_1": ms}}.
+    Make the sessions with `session(..., spinning=False)`, or they take each other's cores."""
     out: dict[str, dict[str, Any]] = {name: {} for name in sessions}
     for bs in batch_sizes:
         reps = -(-bs // len(images))
@@ -326,7 +336,7 @@ def latency(sessions: dict[str, ort.InferenceSession], images: torch.Tensor,
                                   for name, sess in sessions.items()}, warmup, repeats)
         for name in sessions:
             med, low = round(statistics.median(times[name]), 4), round(min(times[name]), 4)
-            out[name][f"batch_{bs}"] = {"median": med, "min": low} if stat == "both" else med
+            out[name][batch_key(bs)] = {"median": med, "min": low} if stat == "both" else med
     return out
 
 
@@ -337,12 +347,12 @@ def export_and_check(models: dict[str, tuple[BNN, str | Path]], test: Split, car
     `models`: {"baseline": (model, "models/baseline.onnx"), "pruned": (...)}; the result is
     the content of reports/metrics/export.json."""
     result: dict[str, Any] = {"exporter": cfg.exporter, "opset": cfg.opset,
-                              "threads": cfg.threads, "models": {}}
+                              "threads": cfg.threads, "ort_allow_spinning": False, "models": {}}
     sessions = {}
     for name, (model, path) in models.items():
         model.eval()
         export_onnx(model, card, path, cfg)
-        sessions[name] = session(path, cfg.threads)
+        sessions[name] = session(path, cfg.threads, spinning=result["ort_allow_spinning"])
         result["models"][name] = {"path": str(path), "size_bytes": Path(path).stat().st_size,
                                   "parity": parity(model, sessions[name], test, card,
                                                    cfg.tolerance, cfg.max_outlier_fraction)}
@@ -417,10 +427,10 @@ def export_metrics(result: dict[str, Any]) -> dict[str, float]:
         for stat, by_batch in (("latency_ms", m["latency_ms"]),
                                ("latency_min_ms", m["latency_ms_min"])):
             for batch, ms in by_batch.items():
-                out[f"{name}/onnxruntime/{stat}_b{batch.removeprefix('batch_')}"] = ms
+                out[f"{name}/onnxruntime/{stat}_b{batch_size_of(batch)}"] = ms
     for key in ("speedup", "speedup_min", "speedup_vs_mac_ratio"):
         for batch, value in result.get(key, {}).items():
-            out[f"{key}/onnxruntime_b{batch.removeprefix('batch_')}"] = value
+            out[f"{key}/onnxruntime_b{batch_size_of(batch)}"] = value
     if "mac_ratio" in result:
         out["mac_ratio"] = result["mac_ratio"]
     out["parity_passed"] = float(result["parity_passed"])

@@ -12,7 +12,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from bnnprune.benchmark import layer_table_md
+from bnnprune.benchmark import batch_size_of, layer_table_md
 from bnnprune.files import load_json, save_csv, save_json, write_atomic
 from bnnprune.models import load_checkpoint
 from bnnprune.ops import count_ops, reduction_pct
@@ -115,10 +115,10 @@ def speedups(benchmark: dict, export: dict) -> dict[str, Any]:
         out["rows"].append({"backend": f"{backend} (batch {batch})" if batch else backend,
                             "baseline_ms": r["baseline_ms"], "pruned_ms": r["pruned_ms"]})
     models = _get(export, "models", INPUTS["export"][0])
-    key = max(models["pruned"]["latency_ms"], key=lambda k: int(k.split("_")[-1]))
-    out["batch"]["onnxruntime"] = int(key.split("_")[-1])
+    key = max(models["pruned"]["latency_ms"], key=batch_size_of)
+    out["batch"]["onnxruntime"] = batch_size_of(key)
     out["speedup"]["onnxruntime"] = _get(export, "speedup", INPUTS["export"][0])[key]
-    out["rows"].append({"backend": f"onnxruntime ({key.replace('_', ' ')})",
+    out["rows"].append({"backend": f"onnxruntime (batch {batch_size_of(key)})",
                         "baseline_ms": models["baseline"]["latency_ms"][key],
                         "pruned_ms": models["pruned"]["latency_ms"][key]})
     return out
@@ -127,24 +127,24 @@ def speedups(benchmark: dict, export: dict) -> dict[str, Any]:
 def latency_by_batch(benchmark: dict, export: dict) -> list[dict[str, Any]]:
     """The speed table: per backend (torch float, packed engine, onnxruntime) and batch size,
     baseline and pruned ms (median and min), the speedup of the medians and of the minimums,
-    the work ratio that backend executes and the speedup's share of it. Benchmarks older than
-    `by_batch` give no torch/engine rows."""
-    rows = [{"backend": b, "batch": int(batch.removeprefix("batch_")), "work": work, **r}
+    the work ratio that backend executes and the speedup's share of it (onnxruntime's speedups
+    as export.json has them). Benchmarks older than `by_batch` give no torch/engine rows."""
+    rows = [{"backend": b, "batch": batch_size_of(batch), "work": work, **r}
             for batch, by in benchmark.get("by_batch", {}).items()
             for b, work in (("torch_float", "MACs"), ("packed_cpu", "OPs")) for r in [by[b]]]
     models = _get(export, "models", INPUTS["export"][0])
     base, pruned = models["baseline"], models["pruned"]
-    for key in sorted(pruned["latency_ms"], key=lambda k: int(k.split("_")[-1])):
-        speedup = base["latency_ms"][key] / pruned["latency_ms"][key]
-        lows = (base.get("latency_ms_min", {}).get(key), pruned.get("latency_ms_min", {}).get(key))
-        rows.append({"backend": "onnxruntime", "batch": int(key.split("_")[-1]), "work": "MACs",
-                     "baseline_ms": base["latency_ms"][key], "baseline_ms_min": lows[0],
-                     "pruned_ms": pruned["latency_ms"][key], "pruned_ms_min": lows[1],
-                     "speedup": speedup,
-                     "speedup_of_min_ms": lows[0] / lows[1] if None not in lows else None,
+    speedup = _get(export, "speedup", INPUTS["export"][0])
+    for key in sorted(pruned["latency_ms"], key=batch_size_of):
+        rows.append({"backend": "onnxruntime", "batch": batch_size_of(key), "work": "MACs",
+                     "baseline_ms": base["latency_ms"][key],
+                     "baseline_ms_min": base.get("latency_ms_min", {}).get(key),
+                     "pruned_ms": pruned["latency_ms"][key],
+                     "pruned_ms_min": pruned.get("latency_ms_min", {}).get(key),
+                     "speedup": speedup[key],
+                     "speedup_of_min_ms": export.get("speedup_min", {}).get(key),
                      "work_ratio": export.get("mac_ratio"),
-                     "share_of_work_ratio": speedup / export["mac_ratio"]
-                     if export.get("mac_ratio") else None,
+                     "share_of_work_ratio": export.get("speedup_vs_mac_ratio", {}).get(key),
                      "executed_work_ratio": export.get("executed_mac_ratio")})
     return rows
 
@@ -164,13 +164,14 @@ def onnxruntime_convs(export: dict) -> dict[str, Any]:
     return out
 
 
-def build_summary(inputs: dict[str, Any]) -> dict[str, Any]:
+def build_summary(inputs: dict[str, Any], speed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """summary.json from the loaded inputs; `speed`: their `speedups`, when already computed."""
     card, prune = inputs["card"], inputs["prune"]
     base_acc = _get(inputs["train"], "test_acc", INPUTS["train"][0])
     pruned_acc = _get(inputs["finetune"], "test_acc", INPUTS["finetune"][0])
     baseline = model_costs(inputs["baseline_model"], base_acc)
     pruned = model_costs(inputs["pruned_model"], pruned_acc)
-    speed = speedups(inputs["benchmark"], inputs["export"])
+    speed = speed or speedups(inputs["benchmark"], inputs["export"])
     study = inputs["study"]
     layers = [{"layer": name, "p_l": r.get("p"), "channels_before": r["channels_before"],
                "channels_after": r["channels_after"], "bops_before": r["bops_before"],
@@ -307,8 +308,8 @@ def write_report(root: str | Path = ".",
     .md, the PNGs and their CSV data (for `dvc plots`). Returns the summary."""
     root = Path(root)
     inputs = inputs if inputs is not None else load_inputs(root)
-    summary = build_summary(inputs)
-    latency_rows = speedups(inputs["benchmark"], inputs["export"])["rows"]
+    speed = speedups(inputs["benchmark"], inputs["export"])
+    summary = build_summary(inputs, speed)
     save_json(root / SUMMARY_JSON, summary)
     save_json(root / METRICS_JSON, {k: round(v, 6) for k, v in dvc_metrics(summary).items()})
     bench = inputs["benchmark"]
@@ -317,8 +318,9 @@ def write_report(root: str | Path = ".",
     write_atomic(root / SUMMARY_MD, lambda p: p.write_text(md))
     save_csv(root / LATENCY_CSV, [{"label": f"{r['backend']}: {m}", "backend": r["backend"],
                                    "model": m, "ms": r[f"{m}_ms"]}
-                                  for r in latency_rows for m in ("baseline", "pruned")])
-    plot_all(summary, inputs["flip_ratio"], latency_rows, {k: root / v for k, v in PLOTS.items()})
+                                  for r in speed["rows"] for m in ("baseline", "pruned")])
+    plot_all(summary, inputs["flip_ratio"], speed["rows"],
+             {k: root / v for k, v in PLOTS.items()})
     return summary
 
 
