@@ -21,7 +21,8 @@ from numba import njit, prange
 from bnnprune.kernels.pack import Array, as_numpy, conv_weight_matrix, n_words
 
 ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
-ROWS = 4  # activation rows per GEMM block: each weight word loaded once feeds 4 rows
+ROWS = 4  # pixels per GEMM block: each weight word loaded once feeds 4 of them
+IDENTITY = np.arange(4)  # `where` of a block of ROWS columns
 LANES = 8  # uint64 lanes of an AVX-512 vector: weights are padded to whole vectors of M
 
 
@@ -95,35 +96,67 @@ def _im2col_packed(xc, c, kh, kw, stride, pad, out):
     ow = (w + 2 * pad - kw) // stride + 1
     ones = _padding_pixel(c, cw)
     for bo in prange(b * oh):
-        _im2col_row(xc, c, kh, kw, stride, pad, bo, oh, ow, ones, out[bo * ow:(bo + 1) * ow])
+        cols, where = _task_cols(xc, c, kh, kw, stride, pad, bo, 1, oh, ow, ones, out.shape[1])
+        for ox in range(ow):
+            for q in range(out.shape[1]):
+                out[bo * ow + ox, q] = cols[q, where[ox]]
     return out
 
 
 @njit(inline="always")
-def _im2col_row(xc, c, kh, kw, stride, pad, bo, oh, ow, ones, rows):
-    """The (OW, K_words) im2col rows of output row `bo` (= image * OH + y) into `rows`.
+def _task_cols(xc, c, kh, kw, stride, pad, bo0, nb, oh, ow, ones, kwords):
+    """The im2col columns of the output rows bo0..bo0+nb-1 (row = image * OH + y): cols
+    (K_words, positions) and where (nb * OW,): the column of each output pixel.
 
-    Tap t = i * kw + j contributes the pixel's C channel bits at bit offset t * C (all ones
-    outside the image: the pad value is +1), so no bit is wasted between taps. The offset
-    is the same for every output column, so the inner loop runs over output columns."""
+    Tap t = i * kw + j contributes the pixel's C channel bits at bit offset t * C, so no bit is
+    wasted between taps. The task first copies, for each tap row i, the input rows its output
+    rows read into one padded stream xp[i, word, :] (row t at t * WQ * stride, WQ = the padded
+    width / stride; +1 outside the image, as the pad value). Output pixel (t, ox) is then
+    position P = t * WQ + ox, and tap (i, j) reads xp[i, word, P * stride + j] for every P at
+    once: long, branch-free loops over contiguous positions, which vectorise. The WQ - OW
+    positions past each row's end are computed and left out (`where`)."""
     _, h, w, cw = xc.shape
-    bi, oy = bo // oh, bo % oh
-    rows[:, :] = 0
+    wq = (w + 2 * pad + stride - 1) // stride
+    npos = nb * wq
+    xp = np.empty((kh, cw, npos * stride + kw), np.uint64)  # (tap row, word, stream)
     for i in range(kh):
-        iy = oy * stride + i - pad
-        row_inside = 0 <= iy < h
+        for word in range(cw):
+            xp[i, word, :] = ones[word]
+        for t in range(nb):
+            bi, oy = (bo0 + t) // oh, (bo0 + t) % oh
+            iy = oy * stride + i - pad
+            if 0 <= iy < h:
+                base = t * wq * stride + pad
+                for word in range(cw):
+                    for x in range(w):
+                        xp[i, word, base + x] = xc[bi, iy, x, word]
+    cols = np.zeros((kwords, npos), np.uint64)  # (K_words, positions)
+    for i in range(kh):
         for j in range(kw):
             for word in range(cw):
                 pos = (i * kw + j) * c + 64 * word
                 q, sh = pos // 64, np.uint64(pos % 64)
-                spill = pos % 64 + min(64, c - 64 * word) > 64  # straddles two words
-                for ox in range(ow):
-                    ix = ox * stride + j - pad
-                    inside = row_inside and 0 <= ix < w
-                    v = xc[bi, iy, ix, word] if inside else ones[word]
-                    rows[ox, q] |= v << sh
-                    if spill:
-                        rows[ox, q + 1] |= v >> (np.uint64(64) - sh)
+                if stride == 1:
+                    src = xp[i, word, j:j + npos]
+                    dst = cols[q]
+                    for p in range(npos):  # vectorised over positions
+                        dst[p] |= src[p] << sh
+                    if pos % 64 + min(64, c - 64 * word) > 64:  # straddles two words
+                        dst = cols[q + 1]
+                        back = np.uint64(64) - sh
+                        for p in range(npos):
+                            dst[p] |= src[p] >> back
+                else:
+                    for p in range(npos):
+                        v = xp[i, word, p * stride + j]
+                        cols[q, p] |= v << sh
+                        if pos % 64 + min(64, c - 64 * word) > 64:
+                            cols[q + 1, p] |= v >> (np.uint64(64) - sh)
+    where = np.empty(nb * ow, np.int64)
+    for t in range(nb):
+        for ox in range(ow):
+            where[t * ow + ox] = t * wq + ox
+    return cols, where
 
 
 # ---------------------------------------------------------------------------- GEMM
@@ -139,53 +172,54 @@ def _popc(x):
 
 
 @njit(inline="always")
-def _mismatch_counts(a, w, r0, acc):
-    """acc (ROWS, M) = popcount(a[r0 + rr] ^ w[:, j]) summed over words, rows r0..r0+3.
+def _mismatch_counts(a, where, n, w, r0, acc):
+    """acc (ROWS, M) = popcount(a[:, where[r0 + rr]] ^ w[:, j]) summed over words, for the
+    pixels r0..r0+3 (those below n) whose columns of a (K_words, positions) `where` gives.
 
     Two words of K per pass over M: each load and store of the (ROWS, M) counts then carries
     two XOR-popcounts (measured 1 thread: 0.77 -> 0.96 TMAC/s at K_words 18, M 128)."""
-    n, kwords = a.shape
+    kwords = a.shape[0]
     m = w.shape[1]
-    if r0 + ROWS <= n and kwords >= 2:
-        # the first two words set the counts (no zeroing pass over the (ROWS, M) block)
-        a0, a1, a2, a3 = a[r0, 0], a[r0 + 1, 0], a[r0 + 2, 0], a[r0 + 3, 0]
-        b0, b1, b2, b3 = a[r0, 1], a[r0 + 1, 1], a[r0 + 2, 1], a[r0 + 3, 1]
-        for j in range(m):
+    if r0 + ROWS > n:
+        acc[:] = 0
+        for rr in range(n - r0):
+            for q in range(kwords):
+                aq = a[q, where[r0 + rr]]
+                for j in range(m):
+                    acc[rr, j] += np.int64(_popc(aq ^ w[q, j]))
+        return
+    c0, c1, c2, c3 = where[r0], where[r0 + 1], where[r0 + 2], where[r0 + 3]
+    q = 0
+    if kwords >= 2:  # the first two words set the counts (no zeroing pass)
+        a0, a1, a2, a3 = a[0, c0], a[0, c1], a[0, c2], a[0, c3]
+        b0, b1, b2, b3 = a[1, c0], a[1, c1], a[1, c2], a[1, c3]
+        for j in range(m):  # vectorised over M
             wq, wr = w[0, j], w[1, j]
             acc[0, j] = np.int64(_popc(a0 ^ wq) + _popc(b0 ^ wr))
             acc[1, j] = np.int64(_popc(a1 ^ wq) + _popc(b1 ^ wr))
             acc[2, j] = np.int64(_popc(a2 ^ wq) + _popc(b2 ^ wr))
             acc[3, j] = np.int64(_popc(a3 ^ wq) + _popc(b3 ^ wr))
-        start = 2
+        q = 2
     else:
         acc[:] = 0
-        start = 0
-    if r0 + ROWS <= n:
-        q = start
-        while q + 1 < kwords:
-            a0, a1, a2, a3 = a[r0, q], a[r0 + 1, q], a[r0 + 2, q], a[r0 + 3, q]
-            b0, b1, b2, b3 = a[r0, q + 1], a[r0 + 1, q + 1], a[r0 + 2, q + 1], a[r0 + 3, q + 1]
-            for j in range(m):  # vectorised over M
-                wq, wr = w[q, j], w[q + 1, j]
-                acc[0, j] += np.int64(_popc(a0 ^ wq) + _popc(b0 ^ wr))
-                acc[1, j] += np.int64(_popc(a1 ^ wq) + _popc(b1 ^ wr))
-                acc[2, j] += np.int64(_popc(a2 ^ wq) + _popc(b2 ^ wr))
-                acc[3, j] += np.int64(_popc(a3 ^ wq) + _popc(b3 ^ wr))
-            q += 2
-        if q < kwords:
-            a0, a1, a2, a3 = a[r0, q], a[r0 + 1, q], a[r0 + 2, q], a[r0 + 3, q]
-            for j in range(m):
-                wq = w[q, j]
-                acc[0, j] += np.int64(_popc(a0 ^ wq))
-                acc[1, j] += np.int64(_popc(a1 ^ wq))
-                acc[2, j] += np.int64(_popc(a2 ^ wq))
-                acc[3, j] += np.int64(_popc(a3 ^ wq))
-    else:
-        for rr in range(n - r0):
-            for q in range(kwords):
-                aq = a[r0 + rr, q]
-                for j in range(m):
-                    acc[rr, j] += np.int64(_popc(aq ^ w[q, j]))
+    while q + 1 < kwords:
+        a0, a1, a2, a3 = a[q, c0], a[q, c1], a[q, c2], a[q, c3]
+        b0, b1, b2, b3 = a[q + 1, c0], a[q + 1, c1], a[q + 1, c2], a[q + 1, c3]
+        for j in range(m):
+            wq, wr = w[q, j], w[q + 1, j]
+            acc[0, j] += np.int64(_popc(a0 ^ wq) + _popc(b0 ^ wr))
+            acc[1, j] += np.int64(_popc(a1 ^ wq) + _popc(b1 ^ wr))
+            acc[2, j] += np.int64(_popc(a2 ^ wq) + _popc(b2 ^ wr))
+            acc[3, j] += np.int64(_popc(a3 ^ wq) + _popc(b3 ^ wr))
+        q += 2
+    if q < kwords:
+        a0, a1, a2, a3 = a[q, c0], a[q, c1], a[q, c2], a[q, c3]
+        for j in range(m):
+            wq = w[q, j]
+            acc[0, j] += np.int64(_popc(a0 ^ wq))
+            acc[1, j] += np.int64(_popc(a1 ^ wq))
+            acc[2, j] += np.int64(_popc(a2 ^ wq))
+            acc[3, j] += np.int64(_popc(a3 ^ wq))
 
 
 @njit(inline="always")
@@ -216,7 +250,7 @@ def _gemm(a, w, k, out):
     for blk in prange((n + ROWS - 1) // ROWS):
         r0 = blk * ROWS
         acc = np.empty((ROWS, w.shape[1]), np.int64)
-        _mismatch_counts(a, w, r0, acc)
+        _mismatch_counts(a[r0:r0 + ROWS].T.copy(), IDENTITY, min(ROWS, n - r0), w, 0, acc)
         _store_dots(acc, min(ROWS, n - r0), k, out, r0)
     return out
 
@@ -230,44 +264,46 @@ def _gemm_sign(a, w, limit, flip, out):
     for blk in prange((n + ROWS - 1) // ROWS):
         r0 = blk * ROWS
         acc = np.empty((ROWS, w.shape[1]), np.int64)
-        _mismatch_counts(a, w, r0, acc)
+        _mismatch_counts(a[r0:r0 + ROWS].T.copy(), IDENTITY, min(ROWS, n - r0), w, 0, acc)
         _store_sign_bits(acc, min(ROWS, n - r0), limit, flip, out, r0)
     return out
 
 
 @njit(inline="always")
-def _row_group(ow):
-    """Output rows per task of the fused conv: the fewest whose pixels fill whole GEMM blocks
-    of ROWS (OW 28: 1, 14: 2, 7: 4)."""
+def _row_group(ow, rows):
+    """Output rows per task of the fused conv: whole GEMM blocks of ROWS pixels, and at least
+    64 pixels (long im2col loops) while `rows` still makes 4 tasks (batch 64: OW 28 -> 3 rows,
+    14 -> 6, 7 -> 12)."""
     g = 1
     while (g * ow) % ROWS:
         g += 1
+    step = g
+    while g * ow < 64 and (g + step) * 4 <= rows:
+        g += step
     return g
 
 
 @njit(parallel=True, cache=True)
 def _conv(xc, c, kh, kw, stride, pad, w, k, limit, flip, dots, bits):
-    """im2col fused into the GEMM: each task packs the im2col rows of a few output rows into a
-    small buffer (it stays in L1) and multiplies them right away, so the (N, K_words) columns
-    never go through memory. Epilogue: int32 dots into `dots` (N, M) if `bits` is empty, else
-    the folded BN + sign as packed bits into `bits` (N, M_words)."""
+    """im2col fused into the GEMM: each task packs the im2col columns of a few output rows
+    (`_task_cols`, a buffer that stays in L1) and multiplies them right away, so the
+    (N, K_words) im2col matrix never goes through memory. Epilogue: int32 dots into `dots`
+    (N, M) if `bits` is empty, else the folded BN + sign as packed bits into `bits`
+    (N, M_words)."""
     b, h, wd, cw = xc.shape
     oh = (h + 2 * pad - kh) // stride + 1
     ow = (wd + 2 * pad - kw) // stride + 1
-    g = _row_group(ow)
+    g = _row_group(ow, b * oh)
     ones = _padding_pixel(c, cw)
     sign = bits.shape[0] > 0
     for task in prange((b * oh + g - 1) // g):
         bo0 = task * g
         nb = min(g, b * oh - bo0)
-        rows = np.empty((nb * ow, w.shape[0]), np.uint64)
+        cols, where = _task_cols(xc, c, kh, kw, stride, pad, bo0, nb, oh, ow, ones, w.shape[0])
         acc = np.empty((ROWS, w.shape[1]), np.int64)
-        for t in range(nb):
-            _im2col_row(xc, c, kh, kw, stride, pad, bo0 + t, oh, ow, ones,
-                        rows[t * ow:(t + 1) * ow])
         n = nb * ow
         for r0 in range(0, n, ROWS):
-            _mismatch_counts(rows, w, r0, acc)
+            _mismatch_counts(cols, where, n, w, r0, acc)
             if sign:
                 _store_sign_bits(acc, min(ROWS, n - r0), limit, flip, bits, bo0 * ow + r0)
             else:
@@ -501,39 +537,65 @@ def binary_conv2d_sign(x: Array, w: Array | PackedConvWeight, s: Array, t: Array
 # engine runs without a torch op (and without handing the cores between two thread pools).
 
 
+STEM_ROWS = 16  # output rows per task of the float stem (OW 28: 448 pixels)
+
+
 @njit(parallel=True, cache=True)
 def _float_conv_sign(x, wt, alpha, beta, stride, pad, kh, kw, out):
     """sign(alpha * conv(x, w) + beta) with zero padding -> packed channels-last bits.
 
     x (B, Cin, H, W) float32; wt (Cin * kh * kw, Cout) float32, tap-major; out
-    (B, OH, OW, Cout_words) uint64, bit = (alpha * acc + beta >= 0)."""
+    (B, OH, OW, Cout_words) uint64, bit = (alpha * acc + beta >= 0).
+
+    A task takes STEM_ROWS output rows of one image: it copies their float im2col into a
+    (taps, pixels) buffer (zeros outside the image); then, per output channel, loops over
+    contiguous pixels (they vectorise) sum the taps in order, three per pass, and set the
+    channel's bit in 32-bit half words (16 pixels per vector), joined into words at the end."""
     b, cin, h, w = x.shape
     _, oh, ow, cw = out.shape
     cout = wt.shape[1]
-    for bo in prange(b * oh):
-        bi, oy = bo // oh, bo % oh
-        acc = np.zeros((ow, cout), np.float32)  # (OW, Cout): inner loop over Cout vectorises
+    taps = cin * kh * kw
+    per_image = (oh + STEM_ROWS - 1) // STEM_ROWS
+    for task in prange(b * per_image):
+        bi, oy0 = task // per_image, task % per_image * STEM_ROWS
+        nr = min(STEM_ROWS, oh - oy0)
+        n = nr * ow
+        cols = np.zeros((taps, n), np.float32)  # (taps, pixels)
         for c in range(cin):
             for i in range(kh):
-                iy = oy * stride + i - pad
-                if iy < 0 or iy >= h:
-                    continue
-                for j in range(kw):
-                    tap = (c * kh + i) * kw + j
-                    for ox in range(ow):
-                        ix = ox * stride + j - pad
-                        if 0 <= ix < w:
-                            xv = x[bi, c, iy, ix]
-                            for co in range(cout):
-                                acc[ox, co] += xv * wt[tap, co]
-        for ox in range(ow):
-            for q in range(cw):
-                base = 64 * q
-                word = np.uint64(0)
-                for j in range(min(64, cout - base)):
-                    hit = acc[ox, base + j] * alpha[base + j] + beta[base + j] >= 0
-                    word |= np.uint64(hit) << np.uint64(j)
-                out[bi, oy, ox, q] = word
+                for r in range(nr):
+                    iy = (oy0 + r) * stride + i - pad
+                    if 0 <= iy < h:
+                        for j in range(kw):
+                            t = (c * kh + i) * kw + j
+                            for ox in range(ow):
+                                ix = ox * stride + j - pad
+                                if 0 <= ix < w:
+                                    cols[t, r * ow + ox] = x[bi, c, iy, ix]
+        acc = np.zeros(n, np.float32)
+        halves = np.zeros((2 * cw, n), np.uint32)  # (Cout half words, pixels)
+        for co in range(cout):
+            acc[:] = 0
+            for t in range(0, taps - taps % 3, 3):
+                w0, w1, w2 = wt[t, co], wt[t + 1, co], wt[t + 2, co]
+                x0, x1, x2 = cols[t], cols[t + 1], cols[t + 2]
+                for p in range(n):  # vectorised over pixels; the sum in tap order
+                    acc[p] = ((acc[p] + w0 * x0[p]) + w1 * x1[p]) + w2 * x2[p]
+            for t in range(taps - taps % 3, taps):
+                wv, xt = wt[t, co], cols[t]
+                for p in range(n):
+                    acc[p] += wv * xt[p]
+            half, sh = halves[co // 32], np.uint32(co % 32)
+            al, be = alpha[co], beta[co]
+            for p in range(n):
+                half[p] |= np.uint32(acc[p] * al + be >= 0) << sh
+        for q in range(cw):
+            lo, hi = halves[2 * q], halves[2 * q + 1]
+            for r in range(nr):
+                dst = out[bi, oy0 + r, :, q]
+                for ox in range(ow):
+                    p = r * ow + ox
+                    dst[ox] = np.uint64(lo[p]) | (np.uint64(hi[p]) << np.uint64(32))
     return out
 
 
