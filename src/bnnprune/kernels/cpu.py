@@ -96,7 +96,8 @@ def _im2col_packed(xc, c, kh, kw, stride, pad, out):
     ow = (w + 2 * pad - kw) // stride + 1
     ones = _padding_pixel(c, cw)
     for bo in prange(b * oh):
-        cols, where = _task_cols(xc, c, kh, kw, stride, pad, bo, 1, oh, ow, ones, out.shape[1])
+        cols, where = _task_cols(xc, c, kh, kw, stride, pad, bo // oh, bo % oh, 1, ow, ones,
+                                 out.shape[1])
         for ox in range(ow):
             for q in range(out.shape[1]):
                 out[bo * ow + ox, q] = cols[q, where[ox]]
@@ -104,53 +105,53 @@ def _im2col_packed(xc, c, kh, kw, stride, pad, out):
 
 
 @njit(inline="always")
-def _task_cols(xc, c, kh, kw, stride, pad, bo0, nb, oh, ow, ones, kwords):
-    """The im2col columns of the output rows bo0..bo0+nb-1 (row = image * OH + y): cols
+def _task_cols(xc, c, kh, kw, stride, pad, bi, oy0, nb, ow, ones, kwords):
+    """The im2col columns of output rows oy0..oy0+nb-1 of image bi (nb 1 if stride > 1): cols
     (K_words, positions) and where (nb * OW,): the column of each output pixel.
 
     Tap t = i * kw + j contributes the pixel's C channel bits at bit offset t * C, so no bit is
-    wasted between taps. The task first copies, for each tap row i, the input rows its output
-    rows read into one padded stream xp[i, word, :] (row t at t * WQ * stride, WQ = the padded
-    width / stride; +1 outside the image, as the pad value). Output pixel (t, ox) is then
-    position P = t * WQ + ox, and tap (i, j) reads xp[i, word, P * stride + j] for every P at
-    once: long, branch-free loops over contiguous positions, which vectorise. The WQ - OW
-    positions past each row's end are computed and left out (`where`)."""
+    wasted between taps. The task first copies the input rows it reads, once each, into one
+    padded stream xp[word, :] (rows WS = WQ * stride apart, WQ = the padded width / stride; +1
+    outside the image, as the pad value). Output pixel (t, ox) is position P = t * WQ + ox,
+    and tap (i, j) reads xp[word, P * stride + i * WS + j] for every P at once: long,
+    branch-free loops over contiguous positions, which vectorise. The WQ - OW positions past
+    each row's end are computed and left out (`where`)."""
     _, h, w, cw = xc.shape
     wq = (w + 2 * pad + stride - 1) // stride
+    ws = wq * stride
     npos = nb * wq
-    xp = np.empty((kh, cw, npos * stride + kw), np.uint64)  # (tap row, word, stream)
-    for i in range(kh):
-        for word in range(cw):
-            xp[i, word, :] = ones[word]
-        for t in range(nb):
-            bi, oy = (bo0 + t) // oh, (bo0 + t) % oh
-            iy = oy * stride + i - pad
-            if 0 <= iy < h:
-                base = t * wq * stride + pad
-                for word in range(cw):
-                    for x in range(w):
-                        xp[i, word, base + x] = xc[bi, iy, x, word]
+    xp = np.empty((cw, (nb + kh) * ws + kw), np.uint64)  # (word, stream)
+    for word in range(cw):
+        xp[word, :] = ones[word]
+    for r in range((nb - 1) * stride + kh):
+        iy = oy0 * stride + r - pad
+        if 0 <= iy < h:
+            for word in range(cw):
+                row = xp[word, r * ws + pad:r * ws + pad + w]
+                for x in range(w):
+                    row[x] = xc[bi, iy, x, word]
     cols = np.zeros((kwords, npos), np.uint64)  # (K_words, positions)
     for i in range(kh):
         for j in range(kw):
             for word in range(cw):
                 pos = (i * kw + j) * c + 64 * word
                 q, sh = pos // 64, np.uint64(pos % 64)
+                spill = pos % 64 + min(64, c - 64 * word) > 64  # straddles two words
                 if stride == 1:
-                    src = xp[i, word, j:j + npos]
+                    src = xp[word, i * ws + j:i * ws + j + npos]
                     dst = cols[q]
                     for p in range(npos):  # vectorised over positions
                         dst[p] |= src[p] << sh
-                    if pos % 64 + min(64, c - 64 * word) > 64:  # straddles two words
+                    if spill:
                         dst = cols[q + 1]
                         back = np.uint64(64) - sh
                         for p in range(npos):
                             dst[p] |= src[p] >> back
                 else:
                     for p in range(npos):
-                        v = xp[i, word, p * stride + j]
+                        v = xp[word, p * stride + i * ws + j]
                         cols[q, p] |= v << sh
-                        if pos % 64 + min(64, c - 64 * word) > 64:
+                        if spill:
                             cols[q + 1, p] |= v >> (np.uint64(64) - sh)
     where = np.empty(nb * ow, np.int64)
     for t in range(nb):
@@ -270,16 +271,13 @@ def _gemm_sign(a, w, limit, flip, out):
 
 
 @njit(inline="always")
-def _row_group(ow, rows):
-    """Output rows per task of the fused conv: whole GEMM blocks of ROWS pixels, and at least
-    64 pixels (long im2col loops) while `rows` still makes 4 tasks (batch 64: OW 28 -> 3 rows,
-    14 -> 6, 7 -> 12)."""
+def _row_group(ow, oh, b, stride):
+    """Output rows per task of the fused conv, all from one image: at least 64 pixels (long
+    im2col loops) while the batch still makes 4 tasks; 1 row if stride > 1 (batch 64: OW 28
+    -> 3 rows, 14 -> 5, 7 -> 7)."""
     g = 1
-    while (g * ow) % ROWS:
+    while stride == 1 and g < oh and g * ow < 64 and b * ((oh + g) // (g + 1)) >= 4:
         g += 1
-    step = g
-    while g * ow < 64 and (g + step) * 4 <= rows:
-        g += step
     return g
 
 
@@ -293,21 +291,23 @@ def _conv(xc, c, kh, kw, stride, pad, w, k, limit, flip, dots, bits):
     b, h, wd, cw = xc.shape
     oh = (h + 2 * pad - kh) // stride + 1
     ow = (wd + 2 * pad - kw) // stride + 1
-    g = _row_group(ow, b * oh)
+    g = _row_group(ow, oh, b, stride)
+    per_image = (oh + g - 1) // g
     ones = _padding_pixel(c, cw)
     sign = bits.shape[0] > 0
-    for task in prange((b * oh + g - 1) // g):
-        bo0 = task * g
-        nb = min(g, b * oh - bo0)
-        cols, where = _task_cols(xc, c, kh, kw, stride, pad, bo0, nb, oh, ow, ones, w.shape[0])
+    for task in prange(b * per_image):
+        bi, oy0 = task // per_image, task % per_image * g
+        nb = min(g, oh - oy0)
+        cols, where = _task_cols(xc, c, kh, kw, stride, pad, bi, oy0, nb, ow, ones, w.shape[0])
         acc = np.empty((ROWS, w.shape[1]), np.int64)
         n = nb * ow
+        o0 = (bi * oh + oy0) * ow
         for r0 in range(0, n, ROWS):
             _mismatch_counts(cols, where, n, w, r0, acc)
             if sign:
-                _store_sign_bits(acc, min(ROWS, n - r0), limit, flip, bits, bo0 * ow + r0)
+                _store_sign_bits(acc, min(ROWS, n - r0), limit, flip, bits, o0 + r0)
             else:
-                _store_dots(acc, min(ROWS, n - r0), k, dots, bo0 * ow + r0)
+                _store_dots(acc, min(ROWS, n - r0), k, dots, o0 + r0)
     return dots, bits
 
 
