@@ -22,7 +22,6 @@ from bnnprune.kernels.pack import Array, as_numpy, conv_weight_matrix, n_words
 
 ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 ROWS = 4  # pixels per GEMM block: each weight word loaded once feeds 4 of them
-IDENTITY = np.arange(4)  # `where` of a block of ROWS columns
 LANES = 8  # uint64 lanes of an AVX-512 vector: weights are padded to whole vectors of M
 
 
@@ -248,10 +247,11 @@ def _store_sign_bits(acc, nrows, limit, flip, out, o0):
 def _gemm(a, w, k, out):
     """out (N, M) int32; w (K_words, >= M): columns past M (padding) are computed, not kept."""
     n = a.shape[0]
+    rows = np.arange(n)  # `where`: pixel r is column r of a.T
     for blk in prange((n + ROWS - 1) // ROWS):
         r0 = blk * ROWS
         acc = np.empty((ROWS, w.shape[1]), np.int64)
-        _mismatch_counts(a[r0:r0 + ROWS].T.copy(), IDENTITY, min(ROWS, n - r0), w, 0, acc)
+        _mismatch_counts(a.T, rows, n, w, r0, acc)  # a.T: (K_words, N), a view
         _store_dots(acc, min(ROWS, n - r0), k, out, r0)
     return out
 
@@ -262,10 +262,11 @@ def _gemm_sign(a, w, limit, flip, out):
     (mismatches[j] <= limit[j]) ^ flip bit j (see `binary_gemm_sign`); out (N, M_words), w and
     limit padded to whole vectors."""
     n = a.shape[0]
+    rows = np.arange(n)  # `where`: pixel r is column r of a.T
     for blk in prange((n + ROWS - 1) // ROWS):
         r0 = blk * ROWS
         acc = np.empty((ROWS, w.shape[1]), np.int64)
-        _mismatch_counts(a[r0:r0 + ROWS].T.copy(), IDENTITY, min(ROWS, n - r0), w, 0, acc)
+        _mismatch_counts(a.T, rows, n, w, r0, acc)  # a.T: (K_words, N), a view
         _store_sign_bits(acc, min(ROWS, n - r0), limit, flip, out, r0)
     return out
 
@@ -572,7 +573,7 @@ def _float_conv_sign(x, wt, alpha, beta, stride, pad, kh, kw, out):
                                 ix = ox * stride + j - pad
                                 if 0 <= ix < w:
                                     cols[t, r * ow + ox] = x[bi, c, iy, ix]
-        acc = np.zeros(n, np.float32)
+        acc = np.empty(n, np.float32)  # zeroed per channel
         halves = np.zeros((2 * cw, n), np.uint32)  # (Cout half words, pixels)
         for co in range(cout):
             acc[:] = 0
