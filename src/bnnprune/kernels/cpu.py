@@ -539,22 +539,25 @@ def binary_conv2d_sign(x: Array, w: Array | PackedConvWeight, s: Array, t: Array
 
 
 STEM_ROWS = 16  # output rows per task of the float stem (OW 28: 448 pixels)
+STEM_GROUP = 4  # output channels summed per pass over the pixels (a0..a3 in the stem)
 
 
 @njit(parallel=True, cache=True)
 def _float_conv_sign(x, wt, alpha, beta, stride, pad, kh, kw, out):
     """sign(alpha * conv(x, w) + beta) with zero padding -> packed channels-last bits.
 
-    x (B, Cin, H, W) float32; wt (Cin * kh * kw, Cout) float32, tap-major; out
+    x (B, Cin, H, W) float32; wt (Cin * kh * kw, >= Cout) float32, tap-major; out
     (B, OH, OW, Cout_words) uint64, bit = (alpha * acc + beta >= 0).
 
     A task takes STEM_ROWS output rows of one image: it copies their float im2col into a
-    (taps, pixels) buffer (zeros outside the image); then, per output channel, loops over
-    contiguous pixels (they vectorise) sum the taps in order, three per pass, and set the
-    channel's bit in 32-bit half words (16 pixels per vector), joined into words at the end."""
+    (taps, pixels) buffer (zeros outside the image); then, for STEM_GROUP output channels at
+    a time, loops over contiguous pixels (they vectorise) sum the taps in order, three per
+    pass, each input load feeding the STEM_GROUP sums (wt's columns are padded to whole groups
+    with zeros; the padding channels' sums are dropped). Each channel's bit is set in 32-bit
+    half words (16 pixels per vector), joined into words at the end."""
     b, cin, h, w = x.shape
     _, oh, ow, cw = out.shape
-    cout = wt.shape[1]
+    cout = alpha.shape[0]
     taps = cin * kh * kw
     per_image = (oh + STEM_ROWS - 1) // STEM_ROWS
     for task in prange(b * per_image):
@@ -573,23 +576,36 @@ def _float_conv_sign(x, wt, alpha, beta, stride, pad, kh, kw, out):
                                 ix = ox * stride + j - pad
                                 if 0 <= ix < w:
                                     cols[t, r * ow + ox] = x[bi, c, iy, ix]
-        acc = np.empty(n, np.float32)  # zeroed per channel
+        acc = np.empty((STEM_GROUP, n), np.float32)  # (channels of a group, pixels)
+        a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
         halves = np.zeros((2 * cw, n), np.uint32)  # (Cout half words, pixels)
-        for co in range(cout):
+        for co in range(0, cout, STEM_GROUP):
             acc[:] = 0
             for t in range(0, taps - taps % 3, 3):
-                w0, w1, w2 = wt[t, co], wt[t + 1, co], wt[t + 2, co]
                 x0, x1, x2 = cols[t], cols[t + 1], cols[t + 2]
-                for p in range(n):  # vectorised over pixels; the sum in tap order
-                    acc[p] = ((acc[p] + w0 * x0[p]) + w1 * x1[p]) + w2 * x2[p]
+                u0, u1, u2, u3 = wt[t, co:co + STEM_GROUP]  # scalars: kept in registers
+                v0, v1, v2, v3 = wt[t + 1, co:co + STEM_GROUP]
+                z0, z1, z2, z3 = wt[t + 2, co:co + STEM_GROUP]
+                for p in range(n):  # vectorised over pixels; each sum in tap order
+                    y0, y1, y2 = x0[p], x1[p], x2[p]
+                    a0[p] = ((a0[p] + u0 * y0) + v0 * y1) + z0 * y2
+                    a1[p] = ((a1[p] + u1 * y0) + v1 * y1) + z1 * y2
+                    a2[p] = ((a2[p] + u2 * y0) + v2 * y1) + z2 * y2
+                    a3[p] = ((a3[p] + u3 * y0) + v3 * y1) + z3 * y2
             for t in range(taps - taps % 3, taps):
-                wv, xt = wt[t, co], cols[t]
+                xt = cols[t]
+                u0, u1, u2, u3 = wt[t, co:co + STEM_GROUP]
                 for p in range(n):
-                    acc[p] += wv * xt[p]
-            half, sh = halves[co // 32], np.uint32(co % 32)
-            al, be = alpha[co], beta[co]
-            for p in range(n):
-                half[p] |= np.uint32(acc[p] * al + be >= 0) << sh
+                    y0 = xt[p]
+                    a0[p] += u0 * y0
+                    a1[p] += u1 * y0
+                    a2[p] += u2 * y0
+                    a3[p] += u3 * y0
+            for c in range(co, min(co + STEM_GROUP, cout)):
+                half, sh, a = halves[c // 32], np.uint32(c % 32), acc[c - co]
+                al, be = alpha[c], beta[c]
+                for p in range(n):
+                    half[p] |= np.uint32(a[p] * al + be >= 0) << sh
         for q in range(cw):
             lo, hi = halves[2 * q], halves[2 * q + 1]
             for r in range(nr):
@@ -659,7 +675,9 @@ def float_conv_sign(x: Array, w: Array, alpha: Array, beta: Array, stride: int =
     b, _, h, wd = xn.shape
     shape = (b, (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1,
              n_words(cout))
-    wt = np.ascontiguousarray(wn.reshape(cout, -1).T)  # (Cin * kh * kw, Cout)
+    groups = -(-cout // STEM_GROUP) * STEM_GROUP
+    wt = np.zeros((cin * kh * kw, groups), np.float32)  # (taps, Cout padded to groups)
+    wt[:, :cout] = wn.reshape(cout, -1).T
     a, bb = (np.ascontiguousarray(as_numpy(v), np.float32) for v in (alpha, beta))
     return _float_conv_sign(xn, wt, a, bb, stride, padding, kh, kw,
                             _buffer(out, shape, np.uint64))
