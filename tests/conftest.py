@@ -129,6 +129,15 @@ def copy_project(root: Path, **override) -> tuple[Path, dict]:
     return root, env
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    """pytest-xdist (`-n auto --dist loadgroup`): the tests on the shared tiny pipeline all run
+    in one worker, so `e2e_project`, the suite's most expensive set-up, is built once."""
+    for item in items:
+        if "e2e_project" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("e2e"))
+
+
 @pytest.fixture(scope="session")
 def e2e_project(tmp_path_factory):
     """One real `dvc repro` of the whole pipeline on tiny synthetic data, in a committed copy
