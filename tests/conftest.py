@@ -129,15 +129,6 @@ def copy_project(root: Path, **override) -> tuple[Path, dict]:
     return root, env
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(config, items):
-    """pytest-xdist (`-n auto --dist loadgroup`): the tests on the shared tiny pipeline all run
-    in one worker, so `e2e_project`, the suite's most expensive set-up, is built once."""
-    for item in items:
-        if "e2e_project" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("e2e"))
-
-
 @pytest.fixture(scope="session")
 def e2e_project(tmp_path_factory):
     """One real `dvc repro` of the whole pipeline on tiny synthetic data, in a committed copy
@@ -147,7 +138,9 @@ def e2e_project(tmp_path_factory):
     The prune rule is loosened (tau 0, floor 2 channels) so that the tiny network really
     shrinks and export/benchmark/report measure a pruned model. MLflow tracks to a database
     outside the project (as with a tracking server), which leaves the project's default
-    `mlflow.db` to the queued experiments."""
+    `mlflow.db` to the queued experiments. Under pytest-xdist each worker builds its own (a
+    session fixture is per process); a worker runs its tests in collection order, so
+    test_faults still copies the project before test_pipeline's `dvc exp run` changes it."""
     root, env = copy_project(tmp_path_factory.mktemp("e2e") / "repo",
                              prune={"tau": 0, "min_channels": 2})
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root.parent / 'tracking.db'}"
