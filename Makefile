@@ -22,8 +22,8 @@ install: $(VENV)/.installed
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist, installed when params.yaml needs it
 # and it is missing (as root or with password-less sudo); otherwise a message says what to do.
 data: install
-	@pkg=$$($(BIN)/python -c "from bnnprune.config import load_params; \
-	from bnnprune.data import missing_debian_package as m; print(m(load_params().data) or '')") \
+	@pkg=$$($(BIN)/python -c "from bnnprune.pipeline.config import load_params; \
+	from bnnprune.pipeline.data import missing_debian_package as m; print(m(load_params().data) or '')") \
 	|| exit 1; [ -z "$$pkg" ] && exit 0; \
 	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
 	else echo "Fashion-MNIST is missing: run 'sudo apt-get install $$pkg', or put the four IDX files (train-images-idx3-ubyte.gz, ...) in a folder and set data.root in params.yaml" >&2; exit 1; fi; \

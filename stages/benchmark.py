@@ -5,14 +5,20 @@ packed engine's prediction parity with torch on the full test set."""
 import hashlib
 from pathlib import Path
 
-from bnnprune.benchmark import BACKENDS, flat_metrics, latency_rows, layer_table_md, run_benchmark
 from bnnprune.cli import run_stage
-from bnnprune.config import as_dict, load_params
-from bnnprune.data import load_prepared, normalize
-from bnnprune.files import save_csv, save_json
-from bnnprune.models import load_checkpoint
-from bnnprune.tracking import log_artifacts, log_metrics, stage_run
-from bnnprune.train import fingerprint
+from bnnprune.core.files import save_csv, save_json
+from bnnprune.models.chain import load_checkpoint
+from bnnprune.pipeline.benchmark import (
+    BACKENDS,
+    flat_metrics,
+    latency_rows,
+    layer_table_md,
+    run_benchmark,
+)
+from bnnprune.pipeline.config import as_dict, load_params
+from bnnprune.pipeline.data import load_prepared, normalize
+from bnnprune.pipeline.tracking import log_artifacts, log_metrics, stage_run
+from bnnprune.pipeline.train import fingerprint
 
 MODELS = {"baseline": "models/baseline.pt", "pruned": "models/finetuned.pt"}
 METRICS, PLOT = "reports/metrics/benchmark.json", "reports/plots/benchmark_latency.csv"

@@ -3,19 +3,19 @@ onnxruntime on the test set; both models are logged to MLflow (baseline_bnn_onnx
 pruned_bnn_onnx), once parity passed."""
 
 from bnnprune.cli import run_stage
-from bnnprune.config import load_params
-from bnnprune.data import load_prepared, sha256
-from bnnprune.export import (
+from bnnprune.core.files import save_json
+from bnnprune.models.chain import load_checkpoint
+from bnnprune.pipeline.config import load_params
+from bnnprune.pipeline.data import load_prepared, sha256
+from bnnprune.pipeline.export import (
     ONNX_MODEL_NAMES,
     export_and_check,
     export_metrics,
     log_onnx_model,
     require_parity,
 )
-from bnnprune.files import save_json
-from bnnprune.models import load_checkpoint
-from bnnprune.tracking import log_artifacts, log_metrics, stage_run
-from bnnprune.train import fingerprint
+from bnnprune.pipeline.tracking import log_artifacts, log_metrics, stage_run
+from bnnprune.pipeline.train import fingerprint
 
 MODELS = {"baseline": ("models/baseline.pt", "models/baseline.onnx"),
           "pruned": ("models/finetuned.pt", "models/model.onnx")}

@@ -6,13 +6,19 @@ import time
 from contextlib import nullcontext
 
 from bnnprune.cli import run_stage
-from bnnprune.config import as_dict, load_params
-from bnnprune.data import load_prepared
-from bnnprune.files import save_csv, save_json
-from bnnprune.models import load_checkpoint, save_checkpoint
-from bnnprune.prune import finetune
-from bnnprune.tracking import log_artifacts, log_metrics, stage_run
-from bnnprune.train import fingerprint, finish_distributed, finish_resume, init_distributed, launch
+from bnnprune.core.files import save_csv, save_json
+from bnnprune.core.prune import finetune
+from bnnprune.models.chain import load_checkpoint, save_checkpoint
+from bnnprune.pipeline.config import as_dict, load_params
+from bnnprune.pipeline.data import load_prepared
+from bnnprune.pipeline.tracking import log_artifacts, log_metrics, stage_run
+from bnnprune.pipeline.train import (
+    fingerprint,
+    finish_distributed,
+    finish_resume,
+    init_distributed,
+    launch,
+)
 
 PRUNED, OUT = "models/pruned.pt", "models/finetuned.pt"
 METRICS, PLOT = "reports/metrics/finetune.json", "reports/plots/finetune_history.csv"

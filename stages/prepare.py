@@ -1,10 +1,10 @@
 """prepare: read the raw dataset, split train/val, write data/prepared/ and its card."""
 
 from bnnprune.cli import run_stage
-from bnnprune.config import load_params
-from bnnprune.data import prepare
-from bnnprune.tracking import log_artifacts, log_metrics, stage_run
-from bnnprune.train import fingerprint
+from bnnprune.pipeline.config import load_params
+from bnnprune.pipeline.data import prepare
+from bnnprune.pipeline.tracking import log_artifacts, log_metrics, stage_run
+from bnnprune.pipeline.train import fingerprint
 
 OUT = "data/prepared"
 

@@ -4,12 +4,9 @@ prune.criterion) marks as insensitive; optionally iterate prune -> retrain -> re
 import time
 
 from bnnprune.cli import run_stage
-from bnnprune.config import load_params
-from bnnprune.data import load_prepared
-from bnnprune.files import save_csv, save_json
-from bnnprune.flips import interval_counts, load_flips
-from bnnprune.models import load_checkpoint, save_checkpoint
-from bnnprune.prune import (
+from bnnprune.core.files import save_csv, save_json
+from bnnprune.core.flips import interval_counts, load_flips
+from bnnprune.core.prune import (
     PruneError,
     accuracy,
     channel_rows,
@@ -17,8 +14,11 @@ from bnnprune.prune import (
     retrain_config,
     run_pruning,
 )
-from bnnprune.tracking import layer_segment, log_artifacts, log_metrics, stage_run
-from bnnprune.train import fingerprint, finish_resume, fit
+from bnnprune.models.chain import load_checkpoint, save_checkpoint
+from bnnprune.pipeline.config import load_params
+from bnnprune.pipeline.data import load_prepared
+from bnnprune.pipeline.tracking import layer_segment, log_artifacts, log_metrics, stage_run
+from bnnprune.pipeline.train import fingerprint, finish_resume, fit
 
 BASELINE, FLIPS, OUT = "models/baseline.pt", "models/flips.pt", "models/pruned.pt"
 METRICS, PLOT = "reports/metrics/prune.json", "reports/plots/prune_channels.csv"

@@ -2,12 +2,12 @@
 summary run per pipeline execution that links the stage runs."""
 
 from bnnprune.cli import run_stage
-from bnnprune.config import load_params
-from bnnprune.registry import register_candidate
-from bnnprune.report import SUMMARY_JSON, load_inputs, write_report
-from bnnprune.runs import log_summary_run
-from bnnprune.tracking import stage_run
-from bnnprune.train import fingerprint
+from bnnprune.pipeline.config import load_params
+from bnnprune.pipeline.tracking import stage_run
+from bnnprune.pipeline.train import fingerprint
+from bnnprune.reports.report import SUMMARY_JSON, load_inputs, write_report
+from bnnprune.tracking.registry import register_candidate
+from bnnprune.tracking.runs import log_summary_run
 
 
 def main() -> None:

@@ -7,14 +7,14 @@ import time
 import mlflow
 
 from bnnprune.cli import run_stage
-from bnnprune.config import ConfigError, load_params
-from bnnprune.data import load_prepared
-from bnnprune.files import load_json, save_json
-from bnnprune.flips import load_flips
-from bnnprune.models import load_checkpoint
-from bnnprune.study import METHODS, cell_path, parent_run, run_cell, set_threads
-from bnnprune.tracking import log_artifacts, log_metrics, stage_run
-from bnnprune.train import fingerprint, finish_resume
+from bnnprune.core.files import load_json, save_json
+from bnnprune.core.flips import load_flips
+from bnnprune.models.chain import load_checkpoint
+from bnnprune.pipeline.config import ConfigError, load_params
+from bnnprune.pipeline.data import load_prepared
+from bnnprune.pipeline.tracking import log_artifacts, log_metrics, stage_run
+from bnnprune.pipeline.train import fingerprint, finish_resume
+from bnnprune.study.cells import METHODS, cell_path, parent_run, run_cell, set_threads
 
 BASELINE, FLIPS = "models/baseline.pt", "models/flips.pt"
 LAYERS = "reports/study/layer_sensitivity.json"

@@ -3,14 +3,14 @@ rise when one sampled channel alone is removed, rank-correlated with each criter
 per layer (bootstrap CIs); and p_l against the layer sensitivities."""
 
 from bnnprune.cli import run_stage
-from bnnprune.config import load_params
-from bnnprune.data import load_prepared
-from bnnprune.files import load_json, save_json
-from bnnprune.flips import load_flips
-from bnnprune.models import load_checkpoint
-from bnnprune.study import channel_sensitivity, head, hypothesis_tables, set_threads
-from bnnprune.tracking import layer_segment, log_artifacts, log_metrics, stage_run
-from bnnprune.train import fingerprint
+from bnnprune.core.files import load_json, save_json
+from bnnprune.core.flips import load_flips
+from bnnprune.models.chain import load_checkpoint
+from bnnprune.pipeline.config import load_params
+from bnnprune.pipeline.data import load_prepared
+from bnnprune.pipeline.tracking import layer_segment, log_artifacts, log_metrics, stage_run
+from bnnprune.pipeline.train import fingerprint
+from bnnprune.study.cells import channel_sensitivity, head, hypothesis_tables, set_threads
 
 BASELINE, FLIPS = "models/baseline.pt", "models/flips.pt"
 LAYERS, OUT = "reports/study/layer_sensitivity.json", "reports/study/hypothesis.json"

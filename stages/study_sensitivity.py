@@ -3,13 +3,13 @@ layer alone loses study.sensitivity_ratio of its channels; validation drop), whi
 `latent` method's allocation reads."""
 
 from bnnprune.cli import run_stage
-from bnnprune.config import load_params
-from bnnprune.data import load_prepared
-from bnnprune.files import save_json
-from bnnprune.models import load_checkpoint
-from bnnprune.study import head, layer_sensitivity, set_threads
-from bnnprune.tracking import layer_segment, log_artifacts, log_metrics, stage_run
-from bnnprune.train import fingerprint
+from bnnprune.core.files import save_json
+from bnnprune.models.chain import load_checkpoint
+from bnnprune.pipeline.config import load_params
+from bnnprune.pipeline.data import load_prepared
+from bnnprune.pipeline.tracking import layer_segment, log_artifacts, log_metrics, stage_run
+from bnnprune.pipeline.train import fingerprint
+from bnnprune.study.cells import head, layer_sensitivity, set_threads
 
 BASELINE, OUT = "models/baseline.pt", "reports/study/layer_sensitivity.json"
 

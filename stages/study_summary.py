@@ -5,20 +5,20 @@ control at study.scratch_budgets x study.seeds."""
 import mlflow
 
 from bnnprune.cli import run_stage
-from bnnprune.config import load_params
-from bnnprune.files import load_json, save_csv, save_json, write_atomic
-from bnnprune.models import load_checkpoint
-from bnnprune.plots import pareto_plot
-from bnnprune.study import parent_run
-from bnnprune.study_report import (
+from bnnprune.core.files import load_json, save_csv, save_json, write_atomic
+from bnnprune.models.chain import load_checkpoint
+from bnnprune.pipeline.config import load_params
+from bnnprune.pipeline.tracking import log_artifacts, log_metrics, stage_run
+from bnnprune.pipeline.train import fingerprint
+from bnnprune.reports.plots import pareto_plot
+from bnnprune.study.cells import parent_run
+from bnnprune.study.report import (
     findings_md,
     load_cells,
     plot_rows,
     summarize,
     tables_md,
 )
-from bnnprune.tracking import log_artifacts, log_metrics, stage_run
-from bnnprune.train import fingerprint
 
 HYPOTHESIS = "reports/study/hypothesis.json"
 METRICS, MD = "reports/metrics/study.json", "reports/study/summary.md"

@@ -6,12 +6,12 @@ import time
 from contextlib import nullcontext
 
 from bnnprune.cli import run_stage
-from bnnprune.config import load_params
-from bnnprune.data import load_prepared
-from bnnprune.files import save_csv, save_json, save_torch
-from bnnprune.models import build_model, model_config, save_checkpoint
-from bnnprune.tracking import log_artifacts, log_dataset, log_metrics, stage_run
-from bnnprune.train import (
+from bnnprune.core.files import save_csv, save_json, save_torch
+from bnnprune.models.chain import build_model, model_config, save_checkpoint
+from bnnprune.pipeline.config import load_params
+from bnnprune.pipeline.data import load_prepared
+from bnnprune.pipeline.tracking import log_artifacts, log_dataset, log_metrics, stage_run
+from bnnprune.pipeline.train import (
     evaluate,
     fingerprint,
     finish_distributed,

@@ -9,12 +9,12 @@ one stops `dvc repro` / `dvc exp run` here, before any output is touched.
 from pathlib import Path
 
 from bnnprune.cli import run_stage
-from bnnprune.config import flat_dict, load_params
-from bnnprune.files import write_atomic
-from bnnprune.models import ARCHS
-from bnnprune.prune import check_round_to, layer_name
-from bnnprune.tracking import log_params, stage_run
-from bnnprune.train import fingerprint
+from bnnprune.core.files import write_atomic
+from bnnprune.core.prune import check_round_to, layer_name
+from bnnprune.models.chain import ARCHS
+from bnnprune.pipeline.config import flat_dict, load_params
+from bnnprune.pipeline.tracking import log_params, stage_run
+from bnnprune.pipeline.train import fingerprint
 
 OUT, PARAMS = ".bnnprune/params.valid", Path("params.yaml")
 

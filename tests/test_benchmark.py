@@ -4,8 +4,8 @@ triton_cuda bookkeeping with a stand-in engine (no GPU here)."""
 import pytest
 import torch
 
-from bnnprune import benchmark, tracking
-from bnnprune.models import build_model, model_config
+from bnnprune.models.chain import build_model, model_config
+from bnnprune.pipeline import benchmark, tracking
 
 
 def tiny(channels):
@@ -119,7 +119,7 @@ def test_cuda_unavailable_reported_even_when_forced(monkeypatch):
 
 def test_with_cuda_triton_runs_unless_interpreted(monkeypatch):
     """With a GPU the Triton backend is timed, unless the kernels run in the interpreter."""
-    from bnnprune.kernels import triton_kernels  # importing works without a GPU in any mode
+    from bnnprune.engines.kernels import triton_kernels  # importing works without a GPU in any mode
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(triton_kernels, "INTERPRET", False)
@@ -131,7 +131,7 @@ def test_with_cuda_triton_runs_unless_interpreted(monkeypatch):
 def test_triton_backend_wiring(monkeypatch):
     """The triton_cuda code path without a GPU: the engine is a stand-in (the torch model on
     the CPU) and synchronize a counter, so only the bookkeeping is checked, not speeds."""
-    from bnnprune import triton_engine
+    from bnnprune.engines import triton_engine
 
     made, syncs = [], []
 
@@ -221,7 +221,7 @@ def test_layer_summary_on_hand_numbers():
 
 
 def test_per_layer_timing_lines_up_with_count_ops(result):
-    from bnnprune.ops import count_ops
+    from bnnprune.core.ops import count_ops
 
     layers = result["layers"]
     names = [r["name"] for r in count_ops(tiny([8, 8, 16, 16, 32, 32]))["layers"]]
@@ -244,7 +244,7 @@ def test_per_layer_timing_lines_up_with_count_ops(result):
 
 
 def test_engine_layer_clock_sums_to_the_call():
-    from bnnprune.engine import PackedModel
+    from bnnprune.engines.packed import PackedModel
 
     engine = PackedModel.from_model(tiny([8, 5, 9, 16, 17, 32]))
     x = torch.randn(4, 1, 28, 28)

@@ -1,6 +1,6 @@
 import torch
 
-from bnnprune.binary import BinaryConv2d, BinaryLinear, binarize, clip_latent_weights
+from bnnprune.core.binary import BinaryConv2d, BinaryLinear, binarize, clip_latent_weights
 
 
 def test_sign_maps_zero_to_plus_one_and_ste_passes_gradient_inside_unit_interval():

@@ -1,6 +1,6 @@
 import pytest
 
-from bnnprune.config import ConfigError, Params, load_params, parse_params
+from bnnprune.pipeline.config import ConfigError, Params, load_params, parse_params
 
 from conftest import REPO
 

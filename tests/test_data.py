@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from bnnprune.config import DataConfig, Subset
-from bnnprune.data import DataError, load_cifar10, load_prepared, prepare
+from bnnprune.pipeline.config import DataConfig, Subset
+from bnnprune.pipeline.data import DataError, load_cifar10, load_prepared, prepare
 
 from conftest import write_idx
 
@@ -114,7 +114,7 @@ def test_synthetic_is_deterministic(tmp_path):
 
 def test_missing_debian_package_only_when_the_default_folder_is_needed(monkeypatch, tmp_path,
                                                                        idx_root):
-    import bnnprune.data as data
+    import bnnprune.pipeline.data as data
 
     monkeypatch.setitem(data.DEFAULT_ROOTS, "fashion-mnist", str(tmp_path / "absent"))
     assert data.missing_debian_package(DataConfig()) == "dataset-fashion-mnist"

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from bnnprune.engine import PackedModel, exact_bn_sign_threshold
-from bnnprune.kernels import cpu
-from bnnprune.kernels.pack import unpack_pm1
+from bnnprune.engines.kernels import cpu
+from bnnprune.engines.kernels.pack import unpack_pm1
+from bnnprune.engines.packed import PackedModel, exact_bn_sign_threshold
 
 from conftest import tiny_bnn
 

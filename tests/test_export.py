@@ -8,11 +8,11 @@ import onnx
 import pytest
 import torch
 
-from bnnprune import export
-from bnnprune.config import ExportConfig
-from bnnprune.data import make_synthetic
-from bnnprune.models import build_model, model_config
-from bnnprune.train import evaluate
+from bnnprune.models.chain import build_model, model_config
+from bnnprune.pipeline import export
+from bnnprune.pipeline.config import ExportConfig
+from bnnprune.pipeline.data import make_synthetic
+from bnnprune.pipeline.train import evaluate
 
 CARD = {"shape": [1, 28, 28], "num_classes": 10, "mean": [0.3], "std": [0.2]}
 PRUNED_CHANNELS = [8, 5, 11, 3, 13, 7]  # cnn width 0.25 is [8, 8, 16, 16, 32, 32]
@@ -179,7 +179,7 @@ def test_export_and_check_times_both_models_side_by_side(tmp_path, test_split):
     assert result["speedup"]["batch_16"] == pytest.approx(
         result["models"]["baseline"]["latency_ms"]["batch_16"]
         / result["models"]["pruned"]["latency_ms"]["batch_16"], rel=1e-3)
-    from bnnprune.ops import count_ops
+    from bnnprune.core.ops import count_ops
 
     macs = [count_ops(m)["total"] for m in (base, small)]
     ratio = (macs[0]["bops"] + macs[0]["flops"]) / (macs[1]["bops"] + macs[1]["flops"])
@@ -216,7 +216,7 @@ def test_timed_sessions_do_not_spin(tmp_path, test_split, monkeypatch):
 def test_executed_convs_read_the_channel_padding_off_onnxruntimes_graph(pruned):
     model, path = pruned
     e = export.executed_convs(path, model, threads=1)
-    from bnnprune.ops import count_ops
+    from bnnprune.core.ops import count_ops
 
     convs = [r for r in count_ops(model)["layers"] if r["kind"] == "conv"]
     assert e["conv_layers"] == len(convs) == 6
@@ -280,7 +280,7 @@ def test_folded_binary_layers_give_the_same_integers(channels):
 
 
 def test_folded_linear_is_exact():
-    from bnnprune.binary import BinaryLinear
+    from bnnprune.core.binary import BinaryLinear
 
     layer = BinaryLinear(37, 5)
     x = torch.randn(4, 37)

@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from bnnprune.binary import BinaryLinear
-from bnnprune.files import save_torch
-from bnnprune.flips import FlipCounter, FlipsError, load_flips
+from bnnprune.core.binary import BinaryLinear
+from bnnprune.core.files import save_torch
+from bnnprune.core.flips import FlipCounter, FlipsError, load_flips
 
 
 class Tiny(nn.Module):

@@ -6,8 +6,9 @@ import json
 import pytest
 import yaml
 
-from bnnprune import cli, gate
-from bnnprune.config import GateConfig
+from bnnprune import cli
+from bnnprune.pipeline.config import GateConfig
+from bnnprune.reports import gate
 
 GOOD = {
     "dataset": "fashion-mnist",

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnnprune.binary import BinaryConv2d
-from bnnprune.kernels import cpu
-from bnnprune.kernels import reference as ref
-from bnnprune.kernels.pack import conv_weight_matrix, n_words, pack_pm1, unpack_pm1
+from bnnprune.core.binary import BinaryConv2d
+from bnnprune.engines.kernels import cpu
+from bnnprune.engines.kernels import reference as ref
+from bnnprune.engines.kernels.pack import conv_weight_matrix, n_words, pack_pm1, unpack_pm1
 
 GEMM_SHAPES = [  # (N, K, M): ragged K, K = 1, N = 1, M = 1, K = 64 and 128 exactly
     (1, 1, 1), (1, 64, 1), (3, 1, 5), (5, 31, 3), (7, 33, 1), (1, 65, 4), (6, 64, 7),
@@ -194,7 +194,7 @@ def test_out_buffers_are_reused_and_fully_overwritten():
 
 
 def test_bench_kernels_smoke(tmp_path):
-    from bnnprune import bench_kernels
+    from bnnprune.engines import bench_kernels
 
     out = tmp_path / "bench.json"
     result = bench_kernels.main(["--threads", "1", "--shapes", "37x33x5,8x64x3", "--repeats", "2",
@@ -274,7 +274,7 @@ def test_mismatch_limits_are_the_threshold_compare_and_pruned_widths_stay_exact(
 
 
 def test_peak_xor_popcount_counts_its_work():
-    from bnnprune.bench_kernels import PEAK_WORDS, PeakXorPopcount, _xor_popcount_loop
+    from bnnprune.engines.bench_kernels import PEAK_WORDS, PeakXorPopcount, _xor_popcount_loop
 
     peak = PeakXorPopcount(threads=2, reps=3)
     assert peak.macs == 64 * 2 * PEAK_WORDS * 3

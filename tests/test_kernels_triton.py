@@ -15,9 +15,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import bnnprune.kernels.triton_kernels as tk  # noqa: E402
-from bnnprune.kernels import reference as ref  # noqa: E402
-from bnnprune.kernels.pack import pack_pm1, unpack_pm1  # noqa: E402
+import bnnprune.engines.kernels.triton_kernels as tk  # noqa: E402
+from bnnprune.engines.kernels import reference as ref  # noqa: E402
+from bnnprune.engines.kernels.pack import pack_pm1, unpack_pm1  # noqa: E402
 
 if not tk.INTERPRET:  # imported earlier in compiled mode by another test module
     tk = importlib.reload(tk)
@@ -122,7 +122,7 @@ def test_conv_sign(b, cin, h, w, cout, k, stride, pad):
 def test_error_without_gpu_or_interpreter():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    code = ("import torch, bnnprune.kernels.triton_kernels as tk\n"
+    code = ("import torch, bnnprune.engines.kernels.triton_kernels as tk\n"
             "try:\n    tk.pack_rows(torch.ones(2, 3))\n"
             "except RuntimeError as e:\n    print('RuntimeError', e)\n")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
@@ -163,7 +163,7 @@ COMPILE_CHECK = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import bnnprune.kernels.triton_kernels as tk
+import bnnprune.engines.kernels.triton_kernels as tk
 
 assert not tk.INTERPRET
 ints = lambda *names: {n: "i32" for n in names}  # noqa: E731

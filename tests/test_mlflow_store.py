@@ -11,10 +11,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from bnnprune import tracking
-from bnnprune.data import load_prepared
-from bnnprune.export import EXAMPLE_IMAGES, ONNX_MODEL_NAMES, pixels
-from bnnprune.files import load_json
+from bnnprune.core.files import load_json
+from bnnprune.pipeline import tracking
+from bnnprune.pipeline.data import load_prepared
+from bnnprune.pipeline.export import EXAMPLE_IMAGES, ONNX_MODEL_NAMES, pixels
 
 
 @pytest.fixture(scope="module")

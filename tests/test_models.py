@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from bnnprune.binary import BinaryConv2d, binary_layers
-from bnnprune.models import (
+from bnnprune.core.binary import BinaryConv2d, binary_layers
+from bnnprune.models.chain import (
     ARCHS,
     CheckpointError,
     build_model,

@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from bnnprune.binary import BINARY_LAYERS
-from bnnprune.models import ARCHS, build_model, model_config
-from bnnprune.ops import count_ops, reduction_pct
+from bnnprune.core.binary import BINARY_LAYERS
+from bnnprune.core.ops import count_ops, reduction_pct
+from bnnprune.models.chain import ARCHS, build_model, model_config
 
 CNN = model_config("cnn", 0.25, [1, 28, 28], 10)  # channels [8, 8, 16, 16, 32, 32]
 

@@ -9,13 +9,10 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from bnnprune.binary import BINARY_LAYERS, binarize
-from bnnprune.config import DataConfig, PruneConfig, Subset
-from bnnprune.data import prepare
-from bnnprune.flips import FlipCounter
-from bnnprune.models import build_model, load_checkpoint, model_config, save_checkpoint
-from bnnprune.ops import count_ops
-from bnnprune.prune import (
+from bnnprune.core.binary import BINARY_LAYERS, binarize
+from bnnprune.core.flips import FlipCounter
+from bnnprune.core.ops import count_ops
+from bnnprune.core.prune import (
     PruneError,
     flip_keep,
     insensitive_fraction,
@@ -24,6 +21,9 @@ from bnnprune.prune import (
     prune_report,
     run_pruning,
 )
+from bnnprune.models.chain import build_model, load_checkpoint, model_config, save_checkpoint
+from bnnprune.pipeline.config import DataConfig, PruneConfig, Subset
+from bnnprune.pipeline.data import prepare
 
 from conftest import REPO
 

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from bnnprune.data import load_prepared, sha256
-from bnnprune.export import run_onnx, session
-from bnnprune.registry import CANDIDATE, CHAMPION, model_name
+from bnnprune.pipeline.data import load_prepared, sha256
+from bnnprune.pipeline.export import run_onnx, session
+from bnnprune.tracking.registry import CANDIDATE, CHAMPION, model_name
 
 from conftest import sh
 

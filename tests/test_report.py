@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from bnnprune import report, runs
-from bnnprune.config import ExportConfig, parse_params
-from bnnprune.data import make_synthetic
-from bnnprune.files import save_csv, save_json
-from bnnprune.models import build_model, model_config, save_checkpoint
-from bnnprune.ops import count_ops, reduction_pct
-from bnnprune.prune import prune_report
-from bnnprune.study_report import findings_md, summarize, tables_md
+from bnnprune.core.files import save_csv, save_json
+from bnnprune.core.ops import count_ops, reduction_pct
+from bnnprune.core.prune import prune_report
+from bnnprune.models.chain import build_model, model_config, save_checkpoint
+from bnnprune.pipeline.config import ExportConfig, parse_params
+from bnnprune.pipeline.data import make_synthetic
+from bnnprune.tracking import runs
+from bnnprune.reports import report
+from bnnprune.study.report import findings_md, summarize, tables_md
 
 CARD = {"dataset": "synthetic", "shape": [1, 28, 28], "num_classes": 10, "mean": [0.3],
         "std": [0.2], "sizes": {"train": 100, "val": 20, "test": 2000}}
@@ -84,7 +85,7 @@ def make_workspace(root: Path, acc: dict = ACC) -> Path:
     test = make_synthetic(10, 32, seed=1)[1]
     cfg = ExportConfig(exporter="legacy", latency_batch_sizes=[1, 8], latency_repeats=1,
                        threads=1)
-    from bnnprune.export import export_and_check
+    from bnnprune.pipeline.export import export_and_check
 
     result = export_and_check({"baseline": (base, root / "models/baseline.onnx"),
                                "pruned": (pruned, root / "models/model.onnx")}, test, CARD, cfg)
@@ -166,7 +167,7 @@ def test_latency_table_per_backend_and_batch(workspace, summary):
 def test_dvc_metrics_file_is_a_few_numeric_headline_metrics(workspace, summary):
     """reports/metrics.json, the one DVC metrics file: numbers only, the speedups named with
     their batch size, every name also a valid MLflow metric name (the summary run logs them)."""
-    from bnnprune.tracking import METRIC_NAME
+    from bnnprune.pipeline.tracking import METRIC_NAME
 
     metrics = json.loads((workspace / report.METRICS_JSON).read_text())
     assert list(metrics)[:3] == ["test_acc", "acc_drop_pt", "bops_reduction_pct"]
@@ -231,7 +232,7 @@ def test_summary_run_links_stage_runs_and_compare_shows_one_row_each(
         workspace, summary, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from bnnprune.tracking import stage_run
+    from bnnprune.pipeline.tracking import stage_run
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

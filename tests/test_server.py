@@ -14,8 +14,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from bnnprune.registry import CANDIDATE
-from bnnprune.tracking import dataset_digest
+from bnnprune.pipeline.tracking import dataset_digest
+from bnnprune.tracking.registry import CANDIDATE
 
 from conftest import REPO, copy_project, sh
 

@@ -6,20 +6,9 @@ import math
 import pytest
 import torch
 
-from bnnprune.config import (
-    ConfigError,
-    DataConfig,
-    PruneConfig,
-    StudyConfig,
-    Subset,
-    TrainConfig,
-    parse_params,
-)
-from bnnprune.data import prepare
-from bnnprune.flips import FlipsError, interval_counts
-from bnnprune.models import build_model, model_config
-from bnnprune.ops import count_ops
-from bnnprune.prune import (
+from bnnprune.core.flips import FlipsError, interval_counts
+from bnnprune.core.ops import count_ops
+from bnnprune.core.prune import (
     PruneError,
     binary_blocks,
     budget_allocation,
@@ -28,10 +17,21 @@ from bnnprune.prune import (
     global_keep_counts,
     round_keep,
 )
-from bnnprune.stats import mean_ci, paired_difference, spearman_ci
-from bnnprune.study import METHODS, evaluate_packed, prune_with, recovery_config, run_cell
-from bnnprune.study_report import findings_md, summarize, tables_md
-from bnnprune.train import evaluate, fit, lr_at
+from bnnprune.models.chain import build_model, model_config
+from bnnprune.pipeline.config import (
+    ConfigError,
+    DataConfig,
+    PruneConfig,
+    StudyConfig,
+    Subset,
+    TrainConfig,
+    parse_params,
+)
+from bnnprune.pipeline.data import prepare
+from bnnprune.pipeline.train import evaluate, fit, lr_at
+from bnnprune.study.cells import METHODS, evaluate_packed, prune_with, recovery_config, run_cell
+from bnnprune.study.report import findings_md, summarize, tables_md
+from bnnprune.study.stats import mean_ci, paired_difference, spearman_ci
 
 CNN = model_config("cnn", 1.0, [1, 28, 28], 10)  # binary layers 32/64/64/128/128
 
@@ -83,7 +83,7 @@ def test_global_ranking_removes_whole_blocks_of_round_to():
 def tiny_data(tmp_path):
     card = prepare(DataConfig(dataset="synthetic", subset=Subset(train=128, val=64, test=64)),
                    tmp_path / "prepared")
-    from bnnprune.data import load_prepared
+    from bnnprune.pipeline.data import load_prepared
 
     return load_prepared(tmp_path / "prepared")[0], card
 

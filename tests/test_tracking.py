@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bnnprune import tracking
+from bnnprune.pipeline import tracking
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,8 +96,8 @@ def test_run_resumed_after_a_kill_is_linked_to_and_under_the_next_summary_run(
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from bnnprune.files import save_json
-    from bnnprune.runs import link_stage_runs
+    from bnnprune.core.files import save_json
+    from bnnprune.tracking.runs import link_stage_runs
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -129,7 +129,7 @@ def test_invalid_params_end_the_validate_run_failed_with_the_error(tmp_path, mon
     import yaml
     from mlflow.tracking import MlflowClient
 
-    from bnnprune.config import ConfigError
+    from bnnprune.pipeline.config import ConfigError
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"]["epochs"] = -1

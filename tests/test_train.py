@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from bnnprune.config import DataConfig, Subset, TrainConfig
-from bnnprune.data import load_prepared, prepare
-from bnnprune.models import build_model, model_config
-from bnnprune.train import TrainingError, fit
+from bnnprune.models.chain import build_model, model_config
+from bnnprune.pipeline.config import DataConfig, Subset, TrainConfig
+from bnnprune.pipeline.data import load_prepared, prepare
+from bnnprune.pipeline.train import TrainingError, fit
 
 CFG = TrainConfig(epochs=3, batch_size=32, lr=0.01, threads=1, flip_window=2)
 
@@ -55,7 +55,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny, tmp_path):
 
 def run_until(tiny, epochs_done, resume_path):
     """Run CFG but stop (as if killed) after `epochs_done` epochs, leaving the resume state."""
-    import bnnprune.train as train_mod
+    import bnnprune.pipeline.train as train_mod
 
     original = train_mod.evaluate
     calls = {"n": 0}

@@ -13,8 +13,8 @@ import importlib  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import bnnprune.kernels.triton_kernels as tk  # noqa: E402
-from bnnprune.triton_engine import TritonModel  # noqa: E402
+import bnnprune.engines.kernels.triton_kernels as tk  # noqa: E402
+from bnnprune.engines.triton_engine import TritonModel  # noqa: E402
 
 from conftest import tiny_bnn  # noqa: E402
 

@@ -6,16 +6,16 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from bnnprune.config import ConfigError
-from bnnprune.data import DataError
-from bnnprune.export import ExportError
-from bnnprune.flips import FlipsError
-from bnnprune.gate import GateError
-from bnnprune.models import CheckpointError
-from bnnprune.prune import PruneError
-from bnnprune.report import ReportError
-from bnnprune.tracking import TrackingError
-from bnnprune.train import TrainingError
+from bnnprune.core.flips import FlipsError
+from bnnprune.core.prune import PruneError
+from bnnprune.models.chain import CheckpointError
+from bnnprune.pipeline.config import ConfigError
+from bnnprune.pipeline.data import DataError
+from bnnprune.pipeline.export import ExportError
+from bnnprune.pipeline.tracking import TrackingError
+from bnnprune.pipeline.train import TrainingError
+from bnnprune.reports.gate import GateError
+from bnnprune.reports.report import ReportError
 
 USER_ERRORS = (ConfigError, DataError, FlipsError, CheckpointError, PruneError, TrackingError,
                TrainingError)
@@ -58,25 +58,25 @@ def main(argv: list[str] | None = None) -> None:
                         help="dataset card for the expected shapes ('' to skip)")
     args = parser.parse_args(argv)
     if args.command == "check":
-        from bnnprune.gate import run as gate
+        from bnnprune.reports.gate import run as gate
 
         run_stage(lambda: sys.exit(gate(args.summary, args.params)))
     elif args.command == "study":
-        from bnnprune.study_report import study_from_mlflow
+        from bnnprune.study.report import study_from_mlflow
 
         run_stage(lambda: print(study_from_mlflow()))
     elif args.command == "compare":
-        from bnnprune.runs import compare as compare_runs
+        from bnnprune.tracking.runs import compare as compare_runs
 
         run_stage(lambda: print(compare_runs(args.max_runs, args.all_params)))
     elif args.command == "backfill":
-        from bnnprune.tracking import backfill
+        from bnnprune.pipeline.tracking import backfill
 
         run_stage(lambda: print("\n".join(backfill()) or "nothing to back-fill"))
     elif args.command == "verify-onnx":
         run_stage(lambda: verify_onnx(args.path, args.card))
     if args.command == "bench-flips":
-        from bnnprune.bench_flips import main as bench_flips
+        from bnnprune.pipeline.bench_flips import main as bench_flips
 
         bench_flips(args.steps, args.batch_size, args.threads, args.repeats)
 
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
 def verify_onnx(path: str, card_path: str) -> None:
     from pathlib import Path
 
-    from bnnprune.export import verify
-    from bnnprune.files import load_json
+    from bnnprune.core.files import load_json
+    from bnnprune.pipeline.export import verify
 
     card = load_json(card_path) if card_path and Path(card_path).is_file() else None
     model = verify(path, card)

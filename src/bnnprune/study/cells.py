@@ -1,0 +1,327 @@
+"""The criteria study: pruning methods as (allocation, selection, recovery), run at BOP budgets
+over seeds, and the direct test of the hypothesis "weights that flip often are insensitive".
+
+A method prunes the baseline's binary layers to a BOP budget:
+- allocation (channels per layer), each scaled to the budget by `prune.budget_allocation`
+  unless global: flip (fractions p_l, the patent's rule), sensitivity (the latent-weight paper's
+  layer analysis: fractions 1 / (drop_l + SENSITIVITY_FLOOR_PT), drop_l the validation drop in
+  points when layer l alone loses `study.sensitivity_ratio` of its channels by latent
+  selection), uniform (the same fraction everywhere), global (channel scores ranked across
+  layers until the budget is met, `prune.global_keep_counts`);
+- selection (which channels): flip, latent or random (`prune.channel_scores`);
+- recovery: `study.recovery_steps` steps of the one training loop (the finetune group with the
+  study's batch size and LR), or for `scratch` the allocated architecture trained from new
+  weights with the train group (the baseline's epochs), then the same recovery.
+The seed drives random selection, the recovery's data (a seeded subset in a seeded order) and
+scratch's initial weights; methods compared at one seed share the recovery data and order.
+
+Accuracies are measured with the packed CPU engine (`engine.PackedModel`), which computes the
+same predictions as torch (the benchmark stage checks the whole test set; every cell here
+re-checks a sample and records the mismatches).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numba
+import torch
+import torch.nn.functional as F
+
+from bnnprune.core.flips import interval_counts
+from bnnprune.core.ops import count_ops, reduction_pct
+from bnnprune.core.prune import (
+    binary_blocks,
+    budget_allocation,
+    channel_scores,
+    global_keep_counts,
+    layer_name,
+    layer_p,
+    prune_channels,
+    round_keep,
+    select,
+)
+from bnnprune.engines.packed import PackedModel
+from bnnprune.models.chain import BNN, build_model
+from bnnprune.pipeline.config import PruneConfig, StudyConfig, TrainConfig
+from bnnprune.pipeline.data import Split, normalize
+from bnnprune.pipeline.train import evaluate, fit
+from bnnprune.study.stats import spearman_ci
+
+SENSITIVITY_FLOOR_PT = 0.5  # a layer whose drop is below this counts as (almost) insensitive
+PARITY_IMAGES = 512  # test images on which every cell checks the engine against torch
+
+
+@dataclass(frozen=True)
+class Method:
+    allocation: str  # flip | sensitivity | uniform | global
+    selection: str  # flip | latent | random
+    interval: str = "window"  # flip counts: window | tail
+    scratch: bool = False
+
+
+METHODS = {
+    "flip": Method("flip", "flip"),
+    "flip_tail": Method("flip", "flip", "tail"),
+    "latent": Method("sensitivity", "latent"),
+    "flip_random": Method("flip", "random"),
+    "uniform_random": Method("uniform", "random"),
+    "global_flip": Method("global", "flip"),
+    "scratch": Method("flip", "flip", scratch=True),
+}
+
+
+# ---- evaluation on the packed engine ---------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_packed(model: BNN, split: Split, card: dict, batch_size: int = 1000
+                    ) -> dict[str, Any]:
+    """Accuracy, mean loss and predictions, like `train.evaluate`, on the packed engine."""
+    model.eval()
+    engine = PackedModel.from_model(model)
+    loss, preds = 0.0, []
+    for i in range(0, len(split), batch_size):
+        images, labels = split.images[i:i + batch_size], split.labels[i:i + batch_size]
+        logits = engine(normalize(images, card["mean"], card["std"]))
+        loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        preds.append(logits.argmax(1))
+    pred = torch.cat(preds)
+    return {"acc": (pred == split.labels).float().mean().item(), "loss": loss / len(split),
+            "pred": pred}
+
+
+def head(split: Split, n: int) -> Split:
+    return Split(split.images[:n], split.labels[:n])
+
+
+def engine_mismatches(model: BNN, split: Split, card: dict) -> int:
+    """Predictions on which the packed engine and torch disagree (a sample of the split)."""
+    sample = head(split, PARITY_IMAGES)
+    return int((evaluate_packed(model, sample, card)["pred"]
+                != evaluate(model, sample, card)["pred"]).sum())
+
+
+# ---- allocation + selection ------------------------------------------------------------------
+
+def sensitivity_fractions(drops_pt: dict[str, float]) -> dict[str, float]:
+    """Per-layer prune fractions from layer sensitivity: 1 / (max(drop, 0) + floor)."""
+    return {n: 1.0 / (max(d, 0.0) + SENSITIVITY_FLOOR_PT) for n, d in drops_pt.items()}
+
+
+def allocate(method: Method, model: BNN, counts: dict[str, torch.Tensor],
+             scores: dict[int, list[tuple[float, float]]], budget: float, cfg: PruneConfig,
+             layer_drops_pt: dict[str, float] | None) -> dict[int, int]:
+    """Channels kept per binary block for `method` at a BOP `budget` (fraction)."""
+    blocks = binary_blocks(model)
+    if method.allocation == "global":
+        return global_keep_counts(model, scores, budget, cfg.min_channels, cfg.round_to)
+    if method.allocation == "flip":
+        by_name = layer_p(counts, cfg.tau)
+    elif method.allocation == "uniform":
+        by_name = {layer_name(i): 1.0 for i in blocks}
+    elif method.allocation == "sensitivity":
+        if layer_drops_pt is None:
+            raise ValueError("the sensitivity allocation needs the layer sensitivities")
+        by_name = sensitivity_fractions(layer_drops_pt)
+    else:
+        raise ValueError(f"allocation {method.allocation!r}; allowed: flip, sensitivity, "
+                         f"uniform, global")
+    fractions = {i: by_name[layer_name(i)] for i in blocks}
+    return budget_allocation(model, fractions, budget, cfg.min_channels, cfg.round_to)
+
+
+def prune_with(method: Method, model: BNN, flips: dict[str, Any], budget: float, seed: int,
+               cfg: PruneConfig, layer_drops_pt: dict[str, float] | None = None
+               ) -> tuple[BNN, dict[int, int]]:
+    """The baseline pruned by `method` to `budget`: (physically smaller model, kept counts)."""
+    counts = interval_counts(flips, method.interval)
+    generator = torch.Generator().manual_seed(seed)
+    scores = {i: channel_scores(method.selection, model.blocks[i].layer.weight,
+                                counts.get(layer_name(i)), cfg.tau, generator)
+              for i in binary_blocks(model)}
+    keep_n = allocate(method, model, counts, scores, budget, cfg, layer_drops_pt)
+    return prune_channels(model, select(scores, keep_n)), keep_n
+
+
+# ---- recovery --------------------------------------------------------------------------------
+
+def recovery_config(finetune: TrainConfig, cfg: StudyConfig, seed: int, n_train: int
+                    ) -> tuple[TrainConfig, int]:
+    """The finetune group sized to `cfg.recovery_steps` steps: (config, images per epoch)."""
+    images = cfg.recovery_steps * cfg.batch_size
+    per_epoch = min(n_train, images)
+    epochs = math.ceil(images / per_epoch)
+    per_epoch = min(per_epoch, math.ceil(cfg.recovery_steps / epochs) * cfg.batch_size)
+    return replace(finetune, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
+                   flip_window=1, tail_epochs=0), per_epoch
+
+
+def recover(model: BNN, splits: dict[str, Split], card: dict, finetune: TrainConfig,
+            cfg: StudyConfig, seed: int, desc: str) -> list[dict[str, Any]]:
+    """`cfg.recovery_steps` steps of training on a seeded subset; returns the epoch history."""
+    if cfg.recovery_steps == 0:
+        return []
+    train = splits["train"]
+    rcfg, per_epoch = recovery_config(finetune, cfg, seed, len(train))
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    subset = Split(train.images[order[:per_epoch]], train.labels[order[:per_epoch]])
+    val = head(splits["val"], cfg.sensitivity_images)
+    return fit(model, subset, val, card, rcfg, desc=desc).history
+
+
+def run_cell(name: str, budget: float, seed: int, baseline: BNN, flips: dict[str, Any],
+             splits: dict[str, Split], card: dict, prune_cfg: PruneConfig, study: StudyConfig,
+             train: TrainConfig, finetune: TrainConfig,
+             layer_drops_pt: dict[str, float] | None, resume_path: str | None = None
+             ) -> dict[str, Any]:
+    """One study cell: prune by method `name` to `budget`, measure, recover, measure."""
+    method = METHODS[name]
+    pruned, keep_n = prune_with(method, baseline, flips, budget, seed, prune_cfg,
+                                layer_drops_pt)
+    before = evaluate_packed(pruned, splits["test"], card)
+    if method.scratch:
+        pruned = build_model(pruned.config, seed=seed)
+        fit(pruned, splits["train"], splits["val"], card, replace(train, seed=seed),
+            resume_path, desc=f"{name} scratch")
+    history = recover(pruned, splits, card, finetune, study, seed, desc=f"{name} recovery")
+    after = evaluate_packed(pruned, splits["test"], card)
+    ops_b, ops_a = count_ops(baseline)["total"], count_ops(pruned)["total"]
+    return {
+        "method": name, "budget": budget, "seed": seed, "allocation": method.allocation,
+        "selection": method.selection, "interval": method.interval, "scratch": method.scratch,
+        "channels": {layer_name(i): n for i, n in keep_n.items()},
+        "bops_reduction_pct": reduction_pct(ops_b["bops"], ops_a["bops"]),
+        "ops_reduction_pct": reduction_pct(ops_b["ops"], ops_a["ops"]),
+        "test_acc_before_recovery": before["acc"], "test_loss_before_recovery": before["loss"],
+        "test_acc": after["acc"], "test_loss": after["loss"],
+        "recovery_steps": study.recovery_steps,
+        "final_train_loss": history[-1]["train_loss"] if history else None,
+        "engine_mismatches": engine_mismatches(pruned, splits["test"], card),
+        "parity_images": min(PARITY_IMAGES, len(splits["test"])),
+    }
+
+
+# ---- sensitivity: layers and channels ---------------------------------------------------------
+
+def layer_sensitivity(model: BNN, val: Split, card: dict, ratio: float, cfg: PruneConfig
+                      ) -> dict[str, dict[str, float]]:
+    """Per binary layer: the validation drop (points, and loss rise) when that layer alone
+    loses `ratio` of its output channels by latent selection (rounded as every allocation)."""
+    base = evaluate_packed(model, val, card)
+    out = {}
+    generator = torch.Generator().manual_seed(0)
+    for i in binary_blocks(model):
+        c = model.specs[i].out
+        keep = round_keep(c, c * (1 - ratio), cfg.min_channels, cfg.round_to)
+        scores = channel_scores("latent", model.blocks[i].layer.weight, None, cfg.tau, generator)
+        pruned = prune_channels(model, select({i: scores}, {i: keep}))
+        m = evaluate_packed(pruned, val, card)
+        out[layer_name(i)] = {"channels": c, "kept": keep,
+                              "drop_pt": 100 * (base["acc"] - m["acc"]),
+                              "loss_rise": m["loss"] - base["loss"]}
+    return out
+
+
+def channel_sensitivity(model: BNN, val: Split, card: dict, samples: int, seed: int = 0
+                        ) -> dict[str, dict[int, float]]:
+    """Per binary layer, for a seeded sample of channels: the validation loss rise when that
+    channel alone is removed."""
+    base = evaluate_packed(model, val, card)["loss"]
+    generator = torch.Generator().manual_seed(seed)
+    out: dict[str, dict[int, float]] = {}
+    for i in binary_blocks(model):
+        c = model.specs[i].out
+        sample = sorted(torch.randperm(c, generator=generator)[:samples].tolist())
+        out[layer_name(i)] = {
+            ch: evaluate_packed(prune_channels(model, {i: [k for k in range(c) if k != ch]}),
+                                val, card)["loss"] - base
+            for ch in sample}
+    return out
+
+
+CRITERION_SCORES = {  # criterion -> (selection, flip interval or None)
+    "flip_window": ("flip", "window"),
+    "flip_tail": ("flip", "tail"),
+    "latent": ("latent", None),
+}
+
+
+def hypothesis_tables(model: BNN, flips: dict[str, Any], layers: dict[str, dict[str, float]],
+                      channels: dict[str, dict[int, float]], cfg: PruneConfig,
+                      resamples: int) -> dict[str, Any]:
+    """Spearman rho (bootstrap 95% CI) between each criterion's prunability score and the
+    measured insensitivity (minus the loss rise): per layer, over all sampled channels, and at
+    layer level p_l against minus the layer's drop. rho > 0: the criterion ranks the channels
+    whose removal hurts least as the most prunable."""
+    tables: dict[str, Any] = {"channels": {}, "layers": {}}
+    generator = torch.Generator().manual_seed(0)
+    for criterion, (selection, interval) in CRITERION_SCORES.items():
+        if interval == "tail" and not flips.get("tail_observations"):
+            continue
+        counts = interval_counts(flips, interval) if interval else {}
+        rows, pooled_x, pooled_y = {}, [], []
+        for i in binary_blocks(model):
+            name = layer_name(i)
+            scores = channel_scores(selection, model.blocks[i].layer.weight, counts.get(name),
+                                    cfg.tau, generator)
+            sample = channels[name]
+            x = [scores[ch][0] + 1e-6 * scores[ch][1] for ch in sample]
+            y = [-rise for rise in sample.values()]
+            rows[name] = spearman_ci(x, y, resamples)
+            pooled_x += x
+            pooled_y += y
+        rows["all layers"] = spearman_ci(pooled_x, pooled_y, resamples)
+        tables["channels"][criterion] = rows
+        if interval:
+            p = layer_p(counts, cfg.tau)
+            tables["layers"][criterion] = spearman_ci(
+                [p[n] for n in layers], [-r["drop_pt"] for r in layers.values()], resamples)
+    return tables
+
+
+def set_threads(threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
+# ---- files and MLflow ------------------------------------------------------------------------
+
+CELLS = "reports/study/cells"
+
+
+def cell_path(method: str, budget: float, seed: int) -> str:
+    return f"{CELLS}/{method}-{budget:g}-{seed}.json"
+
+
+def study_key(params: Any, baseline_meta: dict) -> str:
+    """What makes two cells members of one study: the baseline and every setting but the
+    lists of methods, budgets and seeds (adding a seed or a budget joins the same study)."""
+    from bnnprune.pipeline.train import fingerprint
+
+    study = replace(params.study, methods=[], budgets=[], seeds=[])
+    return fingerprint(study, params.prune, params.finetune, params.train, baseline_meta)
+
+
+def parent_run(params: Any, baseline_meta: dict) -> str | None:
+    """The id of the study's parent MLflow run (created by the first cell that needs it), or
+    None when tracking is off."""
+    from mlflow.tracking import MlflowClient
+
+    from bnnprune.pipeline.tracking import enabled, ensure_experiment, git_commit, tracking_uri
+
+    if not enabled():
+        return None
+    experiment = ensure_experiment()
+    client = MlflowClient(tracking_uri())
+    key = study_key(params, baseline_meta)
+    found = client.search_runs([experiment], f"tags.study_key = '{key}' and "
+                               f"tags.stage = 'study'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment, run_name="study",
+                            tags={"stage": "study", "study_key": key, "git_commit": git_commit()})
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
