@@ -6,7 +6,10 @@ import time
 from bnnprune.cli import run_stage
 from bnnprune.core.files import save_csv, save_json
 from bnnprune.core.flips import interval_counts, load_flips
-from bnnprune.core.prune import (
+from bnnprune.models.chain import load_checkpoint, save_checkpoint
+from bnnprune.pipeline.config import load_params
+from bnnprune.pipeline.data import load_prepared
+from bnnprune.pipeline.pruning import (
     PruneError,
     accuracy,
     channel_rows,
@@ -14,9 +17,6 @@ from bnnprune.core.prune import (
     retrain_config,
     run_pruning,
 )
-from bnnprune.models.chain import load_checkpoint, save_checkpoint
-from bnnprune.pipeline.config import load_params
-from bnnprune.pipeline.data import load_prepared
 from bnnprune.pipeline.tracking import layer_segment, log_artifacts, log_metrics, stage_run
 from bnnprune.pipeline.train import fingerprint, finish_resume, fit
 

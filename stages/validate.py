@@ -10,9 +10,9 @@ from pathlib import Path
 
 from bnnprune.cli import run_stage
 from bnnprune.core.files import write_atomic
-from bnnprune.core.prune import check_round_to, layer_name
 from bnnprune.models.chain import ARCHS
 from bnnprune.pipeline.config import flat_dict, load_params
+from bnnprune.pipeline.pruning import check_round_to, layer_name
 from bnnprune.pipeline.tracking import log_params, stage_run
 from bnnprune.pipeline.train import fingerprint
 

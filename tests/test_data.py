@@ -1,3 +1,4 @@
+import dataclasses
 import gzip
 import io
 import pickle
@@ -109,7 +110,13 @@ def test_synthetic_is_deterministic(tmp_path):
     cfg = DataConfig(dataset="synthetic", subset=Subset(train=50, val=10, test=20))
     a = prepare(cfg, tmp_path / "a")
     b = prepare(cfg, tmp_path / "b")
-    assert a["sizes"] == {"train": 50, "val": 10, "test": 20} and a["mean"] == b["mean"]
+    assert a["sizes"] == {"train": 50, "val": 10, "test": 20} and a == b
+    prepare(dataclasses.replace(cfg, seed=1), tmp_path / "c")
+    (same, _), (again, _), (other, _) = (load_prepared(tmp_path / k) for k in "abc")
+    for split in ("train", "val", "test"):
+        assert torch.equal(same[split].images, again[split].images), split
+        assert torch.equal(same[split].labels, again[split].labels), split
+        assert not torch.equal(same[split].images, other[split].images), split
 
 
 def test_missing_debian_package_only_when_the_default_folder_is_needed(monkeypatch, tmp_path,

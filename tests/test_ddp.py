@@ -2,6 +2,8 @@
 (gloo on CPU); the ranks' flip counts agree at every epoch end; rank 0 alone writes and logs;
 a killed run resumes from its last epoch."""
 
+import json
+import math
 import os
 import signal
 import subprocess
@@ -10,12 +12,17 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
+
+from bnnprune.core.flips import load_flips
+from bnnprune.models.chain import load_checkpoint
 
 from conftest import copy_project, sh
 
 PY = sys.executable
 EPOCHS = 4
+TRAIN_IMAGES = 640
 
 
 def process_tree(pid: int) -> list[int]:
@@ -35,7 +42,7 @@ def process_tree(pid: int) -> list[int]:
 
 def test_torchrun_two_processes_train_resume_after_kill(tmp_path):
     root, env = copy_project(tmp_path / "repo",
-                             data={"subset": {"train": 640, "val": 50, "test": 50}},
+                             data={"subset": {"train": TRAIN_IMAGES, "val": 50, "test": 50}},
                              train={"epochs": EPOCHS, "nproc": 2, "batch_size": 32})
     env = {**env, "PYTHONPATH": "src"}
     sh([PY, "stages/prepare.py"], root, {**env, "BNNPRUNE_MLFLOW": "off"})
@@ -62,8 +69,18 @@ def test_torchrun_two_processes_train_resume_after_kill(tmp_path):
               if f"train epoch {e}: flip counts identical on 2 ranks" in log]
     assert agreed == list(range(killed_after + 1, epochs + 1)), log[-3000:]
     assert (root / "models/baseline.pt").exists() and not resume.exists()
-    flips = torch.load(root / "models/flips.pt", weights_only=False)
-    assert flips  # the flip counts (rank 0's; equal on every rank by the checksum)
+    # the flip counts (rank 0's; equal on every rank by the checksum): the model's binary layers
+    # and shapes, one observation per global step of every counted epoch (those before the
+    # kill included), and flips that happened, at most one per weight and observation
+    flips = load_flips(root / "models/flips.pt", load_checkpoint(root / "models/baseline.pt")[0])
+    train = yaml.safe_load((root / "params.yaml").read_text())["train"]
+    steps = math.ceil(TRAIN_IMAGES / train["batch_size"])
+    assert flips["observations"] == min(train["flip_window"], EPOCHS) * steps
+    assert flips["tail_observations"] == train["tail_epochs"] * steps
+    counts = torch.cat([c.flatten() for c in flips["counts"].values()])
+    assert 0 < counts.sum() and 0 <= counts.min() and counts.max() <= flips["observations"]
+    metrics = json.loads((root / "reports/metrics/train.json").read_text())
+    assert metrics["flip_observations"] == flips["observations"]
     # rank 0 alone tracked: one train run, continued after the kill
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("bnnprune")

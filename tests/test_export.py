@@ -1,6 +1,11 @@
 """ONNX export: parity with torch on a pruned-shaped model, normalisation inside the graph,
 dynamic batch, the client contract, and rejection of files that are not the model."""
 
+import hashlib
+import json
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,11 +13,13 @@ import onnx
 import pytest
 import torch
 
-from bnnprune.models.chain import build_model, model_config
+from bnnprune.models.chain import build_model, model_config, save_checkpoint
 from bnnprune.pipeline import export
 from bnnprune.pipeline.config import ExportConfig
 from bnnprune.pipeline.data import make_synthetic
 from bnnprune.pipeline.train import evaluate
+
+from conftest import REPO, sh
 
 CARD = {"shape": [1, 28, 28], "num_classes": 10, "mean": [0.3], "std": [0.2]}
 PRUNED_CHANNELS = [8, 5, 11, 3, 13, 7]  # cnn width 0.25 is [8, 8, 16, 16, 32, 32]
@@ -294,3 +301,37 @@ def test_folded_graph_has_no_pad_or_where(tmp_path):
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert "Conv" in ops and "Less" in ops
     assert not ops & {"Pad", "Where", "GreaterOrEqual"}
+
+
+EXPORT_IN_CHECKOUT = """
+import json, sys
+import bnnprune
+from bnnprune.models.chain import load_checkpoint
+from bnnprune.pipeline.config import ExportConfig
+from bnnprune.pipeline.export import export_onnx
+model = load_checkpoint("models/finetuned.pt")[0]
+export_onnx(model, json.loads(sys.argv[1]), "models/model.onnx", ExportConfig())
+print(bnnprune.__file__)
+"""
+
+
+def test_onnx_is_byte_identical_from_checkouts_in_different_folders(tmp_path):
+    """The same weights exported by two checkouts (each importing its own src/, as the stages
+    do) give the same bytes: the exporter's per-node stack traces and other build details,
+    which name the checkout's and the environment's folders, are not in the file."""
+    ckpt = save_checkpoint(tmp_path / "finetuned.pt", trained_like(PRUNED_CHANNELS))
+    env = {**os.environ, "PYTHONPATH": "src"}
+    files = []
+    for name in ("a", "checkout-b"):
+        root = tmp_path / name
+        shutil.copytree(REPO / "src/bnnprune", root / "src/bnnprune",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        (root / "models").mkdir()
+        shutil.copy(ckpt, root / "models/finetuned.pt")
+        out = sh([sys.executable, "-c", EXPORT_IN_CHECKOUT, json.dumps(CARD)], root, env).stdout
+        assert out.strip().startswith(str(root / "src")), out  # its own copy of the library
+        files.append((root / "models/model.onnx").read_bytes())
+    a, b = files
+    assert hashlib.sha256(a).hexdigest() == hashlib.sha256(b).hexdigest()
+    for folder in (tmp_path, REPO, Path(sys.prefix)):
+        assert str(folder).encode() not in a, folder

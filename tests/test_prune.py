@@ -12,7 +12,10 @@ from torch import nn
 from bnnprune.core.binary import BINARY_LAYERS, binarize
 from bnnprune.core.flips import FlipCounter
 from bnnprune.core.ops import count_ops
-from bnnprune.core.prune import (
+from bnnprune.models.chain import build_model, load_checkpoint, model_config, save_checkpoint
+from bnnprune.pipeline.config import DataConfig, PruneConfig, Subset
+from bnnprune.pipeline.data import prepare
+from bnnprune.pipeline.pruning import (
     PruneError,
     flip_keep,
     insensitive_fraction,
@@ -21,9 +24,6 @@ from bnnprune.core.prune import (
     prune_report,
     run_pruning,
 )
-from bnnprune.models.chain import build_model, load_checkpoint, model_config, save_checkpoint
-from bnnprune.pipeline.config import DataConfig, PruneConfig, Subset
-from bnnprune.pipeline.data import prepare
 
 from conftest import REPO
 

@@ -9,13 +9,13 @@ import pytest
 
 from bnnprune.core.files import save_csv, save_json
 from bnnprune.core.ops import count_ops, reduction_pct
-from bnnprune.core.prune import prune_report
 from bnnprune.models.chain import build_model, model_config, save_checkpoint
 from bnnprune.pipeline.config import ExportConfig, parse_params
 from bnnprune.pipeline.data import make_synthetic
-from bnnprune.tracking import runs
+from bnnprune.pipeline.pruning import prune_report
 from bnnprune.reports import report
 from bnnprune.study.report import findings_md, summarize, tables_md
+from bnnprune.tracking import runs
 
 CARD = {"dataset": "synthetic", "shape": [1, 28, 28], "num_classes": 10, "mean": [0.3],
         "std": [0.2], "sizes": {"train": 100, "val": 20, "test": 2000}}

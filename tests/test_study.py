@@ -8,15 +8,6 @@ import torch
 
 from bnnprune.core.flips import FlipsError, interval_counts
 from bnnprune.core.ops import count_ops
-from bnnprune.core.prune import (
-    PruneError,
-    binary_blocks,
-    budget_allocation,
-    channel_scores,
-    check_round_to,
-    global_keep_counts,
-    round_keep,
-)
 from bnnprune.models.chain import build_model, model_config
 from bnnprune.pipeline.config import (
     ConfigError,
@@ -28,6 +19,15 @@ from bnnprune.pipeline.config import (
     parse_params,
 )
 from bnnprune.pipeline.data import prepare
+from bnnprune.pipeline.pruning import (
+    PruneError,
+    binary_blocks,
+    budget_allocation,
+    channel_scores,
+    check_round_to,
+    global_keep_counts,
+    round_keep,
+)
 from bnnprune.pipeline.train import evaluate, fit, lr_at
 from bnnprune.study.cells import METHODS, evaluate_packed, prune_with, recovery_config, run_cell
 from bnnprune.study.report import findings_md, summarize, tables_md

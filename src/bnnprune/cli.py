@@ -7,11 +7,11 @@ import sys
 from collections.abc import Callable
 
 from bnnprune.core.flips import FlipsError
-from bnnprune.core.prune import PruneError
 from bnnprune.models.chain import CheckpointError
 from bnnprune.pipeline.config import ConfigError
 from bnnprune.pipeline.data import DataError
 from bnnprune.pipeline.export import ExportError
+from bnnprune.pipeline.pruning import PruneError
 from bnnprune.pipeline.tracking import TrackingError
 from bnnprune.pipeline.train import TrainingError
 from bnnprune.reports.gate import GateError

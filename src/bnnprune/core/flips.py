@@ -8,30 +8,38 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnnprune.core.binary import binary_layers
+from bnnprune.core.binary import Binary, binary_layers
 
 
 class FlipCounter:
-    """Counts, per binary weight, changes of sign(w) between consecutive observations.
+    """Counts, per binary weight, changes of `weight >= 0` between consecutive observations;
+    the first observation is compared with the weights at construction.
 
-    Observations happen after every optimizer step (`granularity="step"`) or at every epoch
-    end (`"epoch"`). Flips are summed per epoch and added, at the end of the epoch, to `counts`
-    if the epoch is `active` (the pruning interval: the schedule's last flip_window epochs) or
-    to `tail_counts` if it is in the `tail` (the near-convergence interval: constant low LR
-    after the schedule); the per-epoch flip ratio of each layer
-    (flips / (weights * observations)) is kept for every epoch.
+        counter = bnnprune.FlipCounter(model)          # or binary=[MyBinaryConv, ...]
+        ...; optimizer.step(); counter.step()
+        counter.counts["layer1.0.conv"]                # int tensor shaped like the weight
+
+    Observations happen at every `step()` (`granularity="step"`) or at every epoch end
+    (`"epoch"`). With no interval configured (`active` is None), every observation counts at
+    once: after N steps, `observations == N`. The training loop configures intervals instead:
+    flips are summed per epoch and added, at the end of the epoch, to `counts` if the epoch is
+    `active` (the pruning interval: the schedule's last flip_window epochs) or to `tail_counts`
+    if it is in the `tail` (the near-convergence interval: constant low LR after the schedule);
+    the per-epoch flip ratio of each layer (flips / (weights * observations)) is kept for every
+    epoch.
     """
 
-    def __init__(self, model: nn.Module, granularity: str = "step"):
+    def __init__(self, model: nn.Module, binary: Binary = None, granularity: str = "step"):
         if granularity not in ("step", "epoch"):
             raise ValueError(f"flip granularity {granularity!r}; allowed: 'step', 'epoch'")
-        self.layers = binary_layers(model)
+        self.layers = binary_layers(model, binary)
         self.granularity = granularity
         self.prev = {n: m.weight.detach() >= 0 for n, m in self.layers.items()}
         self.counts = {n: torch.zeros_like(p, dtype=torch.int32) for n, p in self.prev.items()}
         self.tail_counts = {n: torch.zeros_like(c) for n, c in self.counts.items()}
         self.observations = self.tail_observations = 0
-        self.active = self.tail = False
+        self.active: bool | None = None  # None: no interval, every observation counts
+        self.tail = False
         self._epoch = {n: torch.zeros_like(c) for n, c in self.counts.items()}
         self._epoch_obs = 0
 
@@ -39,9 +47,14 @@ class FlipCounter:
     def observe(self) -> None:
         for n, m in self.layers.items():
             cur = m.weight.detach() >= 0
-            self._epoch[n] += cur != self.prev[n]
+            flipped = cur != self.prev[n]
+            self._epoch[n] += flipped
+            if self.active is None:
+                self.counts[n] += flipped
             self.prev[n] = cur
         self._epoch_obs += 1
+        if self.active is None:
+            self.observations += 1
 
     def step(self) -> None:
         if self.granularity == "step":

@@ -128,6 +128,11 @@ class BNN(nn.Module):
         features = in_ch * h * w if (spatial and self.head == "flatten") else in_ch
         self.classifier = nn.Linear(features, config["num_classes"])
 
+    def sync_config(self) -> None:
+        """After surgery: the config's widths and the specs from the layers."""
+        self.config["channels"] = [b.layer.weight.shape[0] for b in self.blocks]
+        self.specs, self.head = layer_specs(self.config)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             x = block(x)

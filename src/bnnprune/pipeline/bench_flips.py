@@ -39,7 +39,7 @@ def main(steps: int = 30, batch_size: int = 128, threads: int = 2, repeats: int 
     model_cfg = model_cfg or ModelConfig()
     model = build_model(model_config(model_cfg.arch, model_cfg.width, list(in_shape), 10))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    counter = FlipCounter(model, "step")
+    counter = FlipCounter(model, granularity="step")
     counter.active = True
     x, y = torch.randn(batch_size, *in_shape), torch.randint(0, 10, (batch_size,))
     time_steps(model, optimizer, x, y, 3, counter)  # warm-up

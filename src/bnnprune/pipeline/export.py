@@ -35,6 +35,7 @@ import onnx
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
+from google.protobuf.message import Message
 from torch import nn
 
 from bnnprune.core.binary import BinaryConv2d, BinaryLinear, binarize, binary_layers
@@ -116,8 +117,28 @@ def client_model(model: BNN, card: dict) -> ClientModel:
     return ClientModel(model, card["mean"], card["std"]).eval()
 
 
+BUILD_DETAILS = ("doc_string", "metadata_props")  # ONNX fields the exporters fill per build
+
+
+def strip_build_details(proto: Message) -> None:
+    """Clear every doc string and metadata entry of an ONNX model, its graph, nodes, values
+    and functions, in place. The dynamo exporter puts each node's Python stack trace there
+    (`pkg.torch.onnx.stack_trace`: absolute paths of the checkout and the environment), and
+    module scopes and rewrite rules beside it, so the same weights exported from another folder
+    gave another file."""
+    for field, value in proto.ListFields():
+        if field.name in BUILD_DETAILS:
+            proto.ClearField(field.name)
+        elif isinstance(value, Message):
+            strip_build_details(value)
+        elif field.type == field.TYPE_MESSAGE:
+            for item in value:
+                strip_build_details(item)
+
+
 def export_onnx(model: BNN, card: dict, path: str | Path, cfg: ExportConfig) -> Path:
-    """Write `model` as a client ONNX file at `path` (atomically) and verify its contract."""
+    """Write `model` as a client ONNX file at `path` (atomically) and verify its contract. The
+    file holds no build details (strip_build_details): the same weights, the same bytes."""
     client = client_model(fold_binary_layers(model) if cfg.exporter == "folded" else model,
                           card)
     example = torch.rand(2, *card["shape"])  # (2, C, H, W); batch 2 keeps the axis symbolic
@@ -137,6 +158,9 @@ def export_onnx(model: BNN, card: dict, path: str | Path, cfg: ExportConfig) -> 
                     client, (example,), str(tmp), dynamo=False, input_names=[INPUT],
                     output_names=[OUTPUT], opset_version=cfg.opset, do_constant_folding=True,
                     dynamic_axes={INPUT: {0: BATCH_AXIS}, OUTPUT: {0: BATCH_AXIS}})
+        proto = onnx.load(str(tmp))
+        strip_build_details(proto)
+        onnx.save(proto, str(tmp))
 
     write_atomic(path, write)
     verify(path, card)

@@ -193,7 +193,7 @@ def fit(model: BNN, train: Split, val: Split, card: dict, cfg: TrainConfig,
     key = fingerprint(asdict(cfg), model.config, card.get("sources"), card.get("sizes"),
                       [float(p.double().sum()) for p in model.state_dict().values()])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    flips = FlipCounter(model, cfg.flip_granularity)
+    flips = FlipCounter(model, granularity=cfg.flip_granularity)
     result = FitResult(model, flips)
     start = 0
     resume_path = Path(resume_path) if resume_path else None

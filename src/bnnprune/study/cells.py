@@ -32,7 +32,11 @@ import torch.nn.functional as F
 
 from bnnprune.core.flips import interval_counts
 from bnnprune.core.ops import count_ops, reduction_pct
-from bnnprune.core.prune import (
+from bnnprune.engines.packed import PackedModel
+from bnnprune.models.chain import BNN, build_model
+from bnnprune.pipeline.config import PruneConfig, StudyConfig, TrainConfig
+from bnnprune.pipeline.data import Split, normalize
+from bnnprune.pipeline.pruning import (
     binary_blocks,
     budget_allocation,
     channel_scores,
@@ -43,10 +47,6 @@ from bnnprune.core.prune import (
     round_keep,
     select,
 )
-from bnnprune.engines.packed import PackedModel
-from bnnprune.models.chain import BNN, build_model
-from bnnprune.pipeline.config import PruneConfig, StudyConfig, TrainConfig
-from bnnprune.pipeline.data import Split, normalize
 from bnnprune.pipeline.train import evaluate, fit
 from bnnprune.study.stats import spearman_ci
 

@@ -1,0 +1,395 @@
+"""Flip-guided structured pruning (and the latent / random baselines), physical surgery.
+
+Per binary layer l with flip counts F (the weight's shape, counted over the pruning interval):
+    insensitive = F > tau;  p_l = insensitive.mean()
+    keep_l = round_keep(C_out * (1 - p_l))   (see below)
+Kept counts are rounded to the nearest multiple of `round_to` (halves up; default 8: the
+packed CPU engine's vector of 8 output channels and onnxruntime's NCHWc block), never below the
+smallest multiple >= min_channels, never above C_out (a layer no wider than that floor keeps
+all its channels). Every allocation rounds the same way, so BOPs are reported after rounding.
+Which channels go, most prunable first:
+    flip    most insensitive weights, then highest total flip count;
+    latent  smallest mean |latent weight|;
+    random  a seeded permutation.
+Ties always fall to the lower channel index, so every plan is deterministic.
+
+Channel counts come from the flip rule (so every criterion prunes to the same BOPs), from a
+given list (`target_channels`), or, with `target_bop_reduction`, from a global ranking: every
+channel of every binary layer gets a score comparable across layers, and channels are removed
+best-first until total BOPs have dropped by the target:
+    flip    fraction of the channel's weights that are insensitive (then its mean flip count
+            per weight): both are per-weight rates, so layers of any size compare directly;
+    latent  mean |w| of the channel divided by the mean |w| of its layer (layers whose latent
+            weights sit at different scales compare by relative magnitude);
+    random  a seeded uniform number.
+
+Surgery: the kept output channels of layer l select rows of its weight and entries of its
+BatchNorm, and input channels of the next layer; a linear layer after a flatten has its columns
+grouped (C, H*W); the classifier after the last body layer likewise. The first (float) layer is
+never pruned. The result is a fresh `BNN` whose config `channels` changed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnnprune.core.ops import count_ops, reduction_pct
+from bnnprune.models.chain import BNN, build_model
+from bnnprune.pipeline.config import PruneConfig, TrainConfig
+from bnnprune.pipeline.data import Split
+from bnnprune.pipeline.train import FitResult, evaluate, fit
+
+CRITERIA = ("flip", "latent", "random")
+
+
+class PruneError(ValueError):
+    """A pruning request that cannot be met; the message names the value and what is allowed."""
+
+
+def layer_name(i: int) -> str:
+    return f"blocks.{i}.layer"
+
+
+def binary_blocks(model: BNN) -> list[int]:
+    return [i for i, s in enumerate(model.specs) if s.binary]
+
+
+# ---- the flip rule ----------------------------------------------------------------------------
+
+def insensitive_fraction(counts: torch.Tensor, tau: float) -> float:
+    """p_l: the fraction of a layer's weights whose flip count is > tau."""
+    return (counts > tau).float().mean().item()
+
+
+def round_keep(c_out: int, desired: float, min_channels: int, round_to: int = 1) -> int:
+    """A layer's kept channels: `desired` rounded to the nearest multiple of round_to (halves
+    up), at least the smallest multiple >= min_channels, at most c_out. A layer no wider than
+    that floor keeps all its channels."""
+    floor = round_to * math.ceil(min_channels / round_to)
+    if c_out <= floor:
+        return c_out
+    return min(c_out, max(floor, round_to * math.floor(desired / round_to + 0.5)))
+
+
+def flip_keep(c_out: int, p: float, min_channels: int, round_to: int = 1) -> int:
+    """The patent's count round(C_out * (1 - p)), rounded as `round_keep`."""
+    return round_keep(c_out, c_out * (1 - p), min_channels, round_to)
+
+
+def layer_p(counts: dict[str, torch.Tensor], tau: float) -> dict[str, float]:
+    return {name: insensitive_fraction(c, tau) for name, c in counts.items()}
+
+
+def check_round_to(widths: dict[str, int], round_to: int) -> None:
+    """A round_to wider than a binary layer leaves it nothing to keep but all its channels."""
+    narrow = {n: w for n, w in widths.items() if w < round_to}
+    if narrow:
+        raise PruneError(f"prune.round_to: {round_to} cannot be met: binary layers {narrow} "
+                         f"have fewer output channels; allowed: 1..{min(widths.values())}")
+
+
+# ---- selection: channel scores, higher = pruned first -----------------------------------------
+
+def channel_scores(criterion: str, weight: torch.Tensor, counts: torch.Tensor | None, tau: float,
+                   generator: torch.Generator) -> list[tuple[float, float]]:
+    """(primary, secondary) per output channel, comparable across layers (see module doc)."""
+    c_out = weight.shape[0]
+    if criterion == "flip":
+        if counts is None:
+            raise PruneError("criterion 'flip' needs flip counts")
+        per_channel = counts.reshape(c_out, -1).float()  # (C_out, C_in*k*k)
+        primary = (per_channel > tau).float().mean(1)
+        secondary = per_channel.mean(1)
+    elif criterion == "latent":
+        magnitude = weight.detach().reshape(c_out, -1).abs().mean(1)  # (C_out,)
+        primary = -magnitude / magnitude.mean().clamp_min(1e-12)
+        secondary = torch.zeros(c_out)
+    elif criterion == "random":
+        primary = torch.rand(c_out, generator=generator)
+        secondary = torch.zeros(c_out)
+    else:
+        raise PruneError(f"prune.criterion: {criterion!r} is not allowed; allowed: "
+                         f"{', '.join(CRITERIA)}")
+    return list(zip(primary.tolist(), secondary.tolist(), strict=True))
+
+
+def prune_order(scores: list[tuple[float, float]]) -> list[int]:
+    """Channel indices, most prunable first (ties: lower index first)."""
+    return sorted(range(len(scores)), key=lambda c: (-scores[c][0], -scores[c][1], c))
+
+
+def select(scores: dict[int, list[tuple[float, float]]], keep_n: dict[int, int]
+           ) -> dict[int, list[int]]:
+    """Selection: the `keep_n[i]` least prunable channels of every layer, sorted."""
+    return {i: sorted(prune_order(s)[len(s) - keep_n[i]:]) for i, s in scores.items()}
+
+
+# ---- allocation: how many channels each binary layer keeps ------------------------------------
+
+def flip_allocation(model: BNN, p: dict[str, float], min_channels: int, round_to: int
+                    ) -> dict[int, int]:
+    """The patent's rule: layer l keeps round(C_out,l * (1 - p_l))."""
+    return {i: flip_keep(model.specs[i].out, p[layer_name(i)], min_channels, round_to)
+            for i in binary_blocks(model)}
+
+
+def model_bops(model: BNN, keep_n: dict[int, int]) -> int:
+    channels = [keep_n.get(i, s.out) for i, s in enumerate(model.specs)]
+    return count_ops({**model.config, "channels": channels})["total"]["bops"]
+
+
+def budget_allocation(model: BNN, fractions: dict[int, float], budget: float, min_channels: int,
+                      round_to: int) -> dict[int, int]:
+    """Per-layer prune fractions scaled to a BOP budget: layer i keeps
+    round_keep(C_i * (1 - min(1, s * fractions[i]))), with the smallest s (bisection) whose
+    rounded counts cut BOPs by at least `budget` (a fraction). Rounding overshoots in steps of
+    round_to channels, so blocks of round_to channels are then given back, the layer rounded
+    down furthest first, while the budget still holds: methods meet a budget about equally."""
+    def desired(s: float) -> dict[int, float]:
+        return {i: model.specs[i].out * (1 - min(1.0, s * f)) for i, f in fractions.items()}
+
+    def keep(s: float) -> dict[int, int]:
+        return {i: round_keep(model.specs[i].out, d, min_channels, round_to)
+                for i, d in desired(s).items()}
+
+    start = model_bops(model, {})
+    meets = lambda k: 1 - model_bops(model, k) / start >= budget  # noqa: E731
+    reached = lambda s: meets(keep(s))  # noqa: E731
+    top = 1 / max(min(f for f in fractions.values() if f > 0), 1e-9) if any(
+        f > 0 for f in fractions.values()) else 0.0
+    if not reached(top):
+        most = 1 - model_bops(model, keep(top)) / start
+        raise PruneError(f"BOP budget {budget} cannot be reached with prune.min_channels "
+                         f"{min_channels} and prune.round_to {round_to} (at most {most:.4f}); "
+                         f"allowed: a lower budget, a smaller min_channels or round_to")
+    lo, hi = 0.0, top
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if reached(mid) else (mid, hi)
+    kept, wish = keep(hi), desired(hi)
+    while True:
+        for i in sorted(kept, key=lambda i: (kept[i] - wish[i], i)):
+            more = {**kept, i: min(model.specs[i].out, kept[i] + round_to)}
+            if more[i] > kept[i] and meets(more):
+                kept = more
+                break
+        else:
+            return kept
+
+
+def global_keep_counts(model: BNN, scores: dict[int, list[tuple[float, float]]], target: float,
+                       min_channels: int, round_to: int = 1) -> dict[int, int]:
+    """Rank channels best-first across all binary layers; a layer gives up round_to channels
+    each time round_to of its channels have been ranked, until BOPs drop by `target`."""
+    out = {i: model.specs[i].out for i in scores}
+    channels = dict(out)
+    ranked_in = dict.fromkeys(scores, 0)
+    start = model_bops(model, {})
+    ranked = sorted(((-s[0], -s[1], i, c) for i, layer in scores.items()
+                     for c, s in enumerate(layer)))
+    for *_, i, _c in ranked:
+        if reduction_pct(start, model_bops(model, channels)) >= 100 * target:
+            break
+        ranked_in[i] += 1
+        fewer = round_keep(out[i], out[i] - round_to * (ranked_in[i] // round_to), min_channels,
+                           round_to)
+        channels[i] = min(channels[i], fewer)
+    reached = reduction_pct(start, model_bops(model, channels))
+    if reached < 100 * target:
+        raise PruneError(f"prune.target_bop_reduction: {target} cannot be reached with "
+                         f"prune.min_channels {min_channels} and prune.round_to {round_to} "
+                         f"(at most {reached / 100:.4f}); allowed: a lower target or a smaller "
+                         f"min_channels or round_to")
+    return channels
+
+
+# ---- planning --------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    keep: dict[int, list[int]]  # block index -> kept output channels (sorted)
+    p: dict[str, float]  # p_l per binary layer, from the flip counts the plan was made with
+    counts: dict[int, int] = field(default_factory=dict)  # block index -> channels kept
+
+
+def plan_pruning(model: BNN, flip_counts: dict[str, torch.Tensor], cfg: PruneConfig,
+                 criterion: str, generator: torch.Generator,
+                 target_channels: list[int] | None = None) -> Plan:
+    """Decide which output channels of every binary layer survive: an allocation (target
+    channels, the global ranking to prune.target_bop_reduction, or the flip rule) and a
+    selection by `criterion`."""
+    blocks = binary_blocks(model)
+    check_round_to({layer_name(i): model.specs[i].out for i in blocks}, cfg.round_to)
+    p = layer_p(flip_counts, cfg.tau)
+    scores = {i: channel_scores(criterion, model.blocks[i].layer.weight,
+                                flip_counts.get(layer_name(i)), cfg.tau, generator)
+              for i in blocks}
+    if target_channels is not None:
+        channels = check_target_channels(model, target_channels, cfg.round_to)
+        keep_n = {i: channels[i] for i in blocks}
+    elif cfg.target_bop_reduction is not None:
+        keep_n = global_keep_counts(model, scores, cfg.target_bop_reduction, cfg.min_channels,
+                                    cfg.round_to)
+    else:
+        keep_n = flip_allocation(model, p, cfg.min_channels, cfg.round_to)
+    return Plan(select(scores, keep_n), p, keep_n)
+
+
+def check_target_channels(model: BNN, target: list[int], round_to: int = 1) -> list[int]:
+    current = [s.out for s in model.specs]
+    if len(target) != len(current):
+        raise PruneError(f"target channels {target}: {len(target)} layers, the model has "
+                         f"{len(current)} ({current})")
+    for i, (t, c, s) in enumerate(zip(target, current, model.specs, strict=True)):
+        if not s.binary and t != c:
+            raise PruneError(f"target channels {target}: layer {i} is full precision and is "
+                             f"never pruned; it must keep {c} channels")
+        if not 1 <= t <= c:
+            raise PruneError(f"target channels {target}: layer {i} cannot keep {t} of {c} "
+                             f"channels; allowed: 1..{c}")
+        if s.binary and t != c and t % round_to:
+            raise PruneError(f"target channels {target}: layer {i} keeps {t}, not a multiple "
+                             f"of prune.round_to {round_to}; allowed: multiples of {round_to} "
+                             f"or all {c}")
+    return list(target)
+
+
+# ---- surgery ---------------------------------------------------------------------------------
+
+def _take_inputs(weight: torch.Tensor, keep: list[int] | None, c_prev: int) -> torch.Tensor:
+    """Keep input channels `keep` of a conv (O, C, k, k) or linear (O, C*G) weight, where a
+    linear after a flatten groups its columns (C, G) with G = H*W."""
+    if keep is None:
+        return weight
+    if weight.dim() == 4:
+        return weight[:, keep]
+    out, cols = weight.shape
+    group = cols // c_prev
+    return weight.reshape(out, c_prev, group)[:, keep].reshape(out, len(keep) * group)
+
+
+@torch.no_grad()
+def prune_channels(model: BNN, keep: dict[int, list[int]]) -> BNN:
+    """A new, physically smaller BNN keeping output channels `keep[i]` of body layer i (layers
+    not in `keep` keep all), with the surviving latent weights and BN state copied in."""
+    for i, kept in keep.items():
+        if not (0 <= i < len(model.specs)) or not model.specs[i].binary:
+            raise PruneError(f"layer {i} is not a binary layer; only binary layers are pruned "
+                             f"(binary: {binary_blocks(model)})")
+        c = model.specs[i].out
+        if not kept or sorted(set(kept)) != list(kept) or kept[0] < 0 or kept[-1] >= c:
+            raise PruneError(f"layer {i}: kept channels {kept} must be sorted, unique, "
+                             f"non-empty and within 0..{c - 1}")
+    channels = [len(keep[i]) if i in keep else s.out for i, s in enumerate(model.specs)]
+    pruned = build_model({**model.config, "channels": channels})
+    prev: list[int] | None = None  # kept output channels of the previous layer (None: all)
+    c_prev = model.config["in_shape"][0]
+    for i, (old, new) in enumerate(zip(model.blocks, pruned.blocks, strict=True)):
+        out = keep.get(i)
+        weight = _take_inputs(old.layer.weight, prev, c_prev)
+        new.layer.weight.copy_(weight if out is None else weight[out])
+        for name, t in old.bn.state_dict().items():
+            new.bn.state_dict()[name].copy_(t if out is None or t.dim() == 0 else t[out])
+        prev, c_prev = out, model.specs[i].out
+    pruned.classifier.weight.copy_(_take_inputs(model.classifier.weight, prev, c_prev))
+    pruned.classifier.bias.copy_(model.classifier.bias)
+    pruned.train(model.training)
+    return pruned
+
+
+# ---- the prune loop --------------------------------------------------------------------------
+
+def channels_of(model: BNN) -> list[int]:
+    return [s.out for s in model.specs]
+
+
+Retrain = Callable[[BNN, int], tuple[BNN, dict[str, torch.Tensor]]]
+
+
+def run_pruning(model: BNN, flip_counts: dict[str, torch.Tensor], cfg: PruneConfig,
+                criterion: str | None = None, retrain: Retrain | None = None,
+                target_channels: list[int] | None = None) -> tuple[BNN, list[dict[str, Any]]]:
+    """Prune, then (iterative mode) retrain with flip logging and prune again, for up to
+    `cfg.iterations` rounds while max_l p_l keeps falling. Returns the model and one record
+    per round: p_l, max p_l, channels before/after."""
+    criterion = criterion or cfg.criterion
+    if cfg.iterations > 1 and (cfg.target_bop_reduction is not None or target_channels):
+        raise PruneError(f"prune.iterations: {cfg.iterations} with a fixed target (target "
+                         f"channels or prune.target_bop_reduction); allowed: 1")
+    if cfg.iterations > 1 and retrain is None:
+        raise PruneError("prune.iterations > 1 needs a retrain step")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    rounds: list[dict[str, Any]] = []
+    for r in range(1, cfg.iterations + 1):
+        plan = plan_pruning(model, flip_counts, cfg, criterion, generator, target_channels)
+        max_p = max(plan.p.values(), default=0.0)
+        if rounds and not max_p < rounds[-1]["max_p"]:
+            rounds.append({"round": r, "p": plan.p, "max_p": max_p, "pruned": False,
+                           "channels_before": channels_of(model),
+                           "channels_after": channels_of(model)})
+            break
+        before = channels_of(model)
+        model = prune_channels(model, plan.keep)
+        rounds.append({"round": r, "p": plan.p, "max_p": max_p, "pruned": True,
+                       "channels_before": before, "channels_after": channels_of(model)})
+        if r < cfg.iterations:
+            model, flip_counts = retrain(model, r)
+    return model, rounds
+
+
+def retrain_config(finetune: TrainConfig, cfg: PruneConfig) -> TrainConfig:
+    """The short retrain between rounds: the finetune group, `retrain_epochs` long, counting
+    flips over its last min(flip_window, retrain_epochs) epochs."""
+    return replace(finetune, epochs=cfg.retrain_epochs,
+                   flip_window=min(finetune.flip_window, cfg.retrain_epochs))
+
+
+# ---- reporting -------------------------------------------------------------------------------
+
+def prune_report(before: BNN, after: BNN, p: dict[str, float]) -> dict[str, Any]:
+    """Per binary layer p_l, channels and BOPs before/after; totals and reductions in %."""
+    ops_b, ops_a = count_ops(before), count_ops(after)
+    layers = {}
+    for i in binary_blocks(before):
+        row_b, row_a = ops_b["layers"][i], ops_a["layers"][i]
+        layers[row_b["name"]] = {
+            "p": p.get(layer_name(i)), "channels_before": row_b["out_channels"],
+            "channels_after": row_a["out_channels"], "bops_before": row_b["bops"],
+            "bops_after": row_a["bops"],
+            "bops_reduction_pct": reduction_pct(row_b["bops"], row_a["bops"])}
+    total = {}
+    for key in ("bops", "flops", "ops", "size_bits"):
+        b, a = ops_b["total"][key], ops_a["total"][key]
+        total.update({f"{key}_before": b, f"{key}_after": a,
+                      f"{key}_reduction_pct": reduction_pct(b, a)})
+    return {"layers": layers, "total": total}
+
+
+def channel_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Plot data: channels (and BOPs) per binary layer before/after."""
+    return [{"layer": name, "index": int(name.split(".")[1]),
+             "channels_before": r["channels_before"],
+             "channels_after": r["channels_after"], "p": r["p"], "bops_before": r["bops_before"],
+             "bops_after": r["bops_after"]} for name, r in report["layers"].items()]
+
+
+def finetune(model: BNN, splits: dict[str, Split], card: dict, cfg: TrainConfig,
+             baseline_test_acc: float, resume_path: str | None, desc: str
+             ) -> tuple[FitResult, dict[str, Any]]:
+    """Fine-tune a pruned model with the one training loop; accuracies and the drop in points."""
+    result = fit(model, splits["train"], splits["val"], card, cfg, resume_path, desc=desc)
+    val, test = (evaluate(model, splits[k], card) for k in ("val", "test"))
+    return result, {"val_acc": val["acc"], "test_acc": test["acc"], "test_loss": test["loss"],
+                    "baseline_test_acc": baseline_test_acc,
+                    "acc_drop_pt": 100.0 * (baseline_test_acc - test["acc"]),
+                    "epochs": cfg.epochs}
+
+
+def accuracy(model: nn.Module, splits: dict[str, Split], card: dict) -> dict[str, float]:
+    return {f"{k}_acc": evaluate(model, splits[k], card)["acc"] for k in ("val", "test")}
