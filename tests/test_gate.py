@@ -7,8 +7,10 @@ import pytest
 import yaml
 
 from bnnprune import cli
-from bnnprune.pipeline.config import GateConfig
+from bnnprune.pipeline.config import GateConfig, load_params
 from bnnprune.reports import gate
+
+from conftest import REPO
 
 GOOD = {
     "dataset": "fashion-mnist",
@@ -74,8 +76,13 @@ def test_speedup_is_judged_on_minimum_latencies_not_medians(files):
 
 def test_gate_defaults_apply_to_unset_thresholds(files):
     results = gate.evaluate(GOOD, GateConfig())
-    assert [r.threshold for r in results] == [0.85, 2.0, 20.0, 1.05]
+    assert [r.threshold for r in results] == [0.85, 2.0, 20.0, 1.10]
     assert check(files, GOOD, {}) == 0
+
+
+def test_gate_defaults_are_the_thresholds_of_params_yaml():
+    """`bnnprune check` with thresholds unset judges by the pipeline's own bar."""
+    assert load_params(REPO / "params.yaml").gate == GateConfig()
 
 
 def test_backend_that_did_not_run_fails_with_its_reason(files, capsys):
