@@ -89,5 +89,6 @@ def test_torchrun_two_processes_train_resume_after_kill(tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags.get("resumed") == "true"
     assert runs[0].data.params["train.nproc"] == "2"
+    assert runs[0].data.tags["mlflow.source.name"] == "stages/train.py"  # not the folder
     history = client.get_metric_history(runs[0].info.run_id, "val_acc")
     assert sorted(m.step for m in history if m.step) == list(range(1, epochs + 1))

@@ -122,6 +122,15 @@ def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
+def project_path(path: str | Path) -> str:
+    """`path` as recorded in outputs and runs: relative to the project root, so two checkouts
+    in different folders record the same; a path outside the project is kept as it is."""
+    try:
+        return Path(path).resolve().relative_to(project_root()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
@@ -291,7 +300,8 @@ def dataset_digest(card: dict[str, Any]) -> str:
 
 def log_dataset(card: dict[str, Any], path: str | Path, context: str) -> None:
     """Log the prepared dataset (folder `path`, described by `card`) as an input of the active
-    run: metadata only (name, digest, where it is, tensor schema), nothing is read again."""
+    run: metadata only (name, digest, where it is in the project, tensor schema), nothing is
+    read again."""
     if not mlflow.active_run():
         return
     from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -302,7 +312,7 @@ def log_dataset(card: dict[str, Any], path: str | Path, context: str) -> None:
                      TensorSpec(np.dtype(np.int64), (-1,), "labels")])
     with warnings.catch_warnings():  # MLflow registers the local source for "" and "file://"
         warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
-        source = resolve_dataset_source(str(project_root() / path))
+        source = resolve_dataset_source(project_path(path))
     dataset = MetaDataset(source, card["dataset"], dataset_digest(card), schema)
     _call(lambda: {"op": "dataset", "dataset": dataset.to_dict(), "context": context},
           lambda: mlflow.log_input(dataset, context=context))

@@ -34,7 +34,7 @@ from bnnprune.core.flips import FlipCounter
 from bnnprune.models.chain import BNN, build_model
 from bnnprune.pipeline.config import TrainConfig
 from bnnprune.pipeline.data import Split, normalize
-from bnnprune.pipeline.tracking import layer_segment
+from bnnprune.pipeline.tracking import layer_segment, project_path
 
 
 class TrainingError(RuntimeError):
@@ -86,8 +86,9 @@ def launch(nproc: int, script: str, group: str = "train") -> None:
     if not dist.is_available():
         raise TrainingError(f"{group}.nproc is {nproc} but this torch has no torch.distributed; "
                             f"set {group}.nproc: 1")
+    # the script as the project names it: the workers' argv[0] is their runs' source tag
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", script]
+           f"--nproc_per_node={nproc}", project_path(script)]
     print(f"{group}: {nproc} processes: {' '.join(cmd[1:])}", flush=True)
     sys.exit(subprocess.run(cmd).returncode)
 
