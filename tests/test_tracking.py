@@ -35,6 +35,17 @@ def test_queued_experiment_is_tagged_with_its_own_checkout_but_tracks_to_the_pro
     assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'project' / 'mlflow.db'}"
 
 
+def test_paths_are_recorded_relative_to_the_checkout(tmp_path, monkeypatch):
+    """Also in a queued experiment's copy (DVC_ROOT the project): the same names as in the
+    project, so runs of checkouts in different folders record the same."""
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "project"))
+    (tmp_path / "copy").mkdir()
+    monkeypatch.chdir(tmp_path / "copy")
+    assert tracking.project_path(tmp_path / "copy/stages/train.py") == "stages/train.py"
+    assert tracking.project_path("data/prepared") == "data/prepared"
+    assert tracking.project_path("/usr/share/fashion-mnist") == "/usr/share/fashion-mnist"
+
+
 def test_metric_names_follow_one_rule():
     for good in ("val_acc", "final/val_acc", "wall_time_s", "speedup/packed_cpu_b64",
                  "baseline/onnxruntime/latency_ms_b1", "model_size_bits_before", "p/blocks_1"):

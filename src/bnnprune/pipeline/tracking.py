@@ -123,10 +123,11 @@ def project_root() -> Path:
 
 
 def project_path(path: str | Path) -> str:
-    """`path` as recorded in outputs and runs: relative to the project root, so two checkouts
-    in different folders record the same; a path outside the project is kept as it is."""
+    """`path` as outputs and runs record it: relative to the checkout the stage runs in (the
+    working directory; a queued experiment's temporary copy too), so checkouts in different
+    folders record the same; a path outside it is kept as it is."""
     try:
-        return Path(path).resolve().relative_to(project_root()).as_posix()
+        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
     except ValueError:
         return str(path)
 
