@@ -2,12 +2,14 @@
 (the session fixture `e2e_project` in conftest.py, shared with test_reliability)."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import sh
+from conftest import REPO, sh
 
 
 def stage_runs(env):
@@ -39,9 +41,28 @@ def test_repro_writes_every_declared_output_and_tracks_each_stage(e2e_project):
 
 
 def test_second_repro_is_a_no_op(e2e_project):
+    """Every stage is skipped, not just some: no stage runs and DVC sees nothing changed."""
     root, env = e2e_project
     out = sh(["dvc", "repro"], root, env).stdout
-    assert "Data and pipelines are up to date" in out or "didn't change" in out
+    assert "Running stage" not in out, out
+    assert json.loads(sh(["dvc", "status", "--json"], root, env).stdout) == {}
+
+
+def test_outputs_name_no_folder_of_the_machine(e2e_project):
+    """What the pipeline writes (ONNX models, data card, reports, plot data) and what its
+    finished MLflow runs record (params, tags, dataset inputs) name paths relative to the
+    project: not the folder it ran in, nor this checkout's or the environment's."""
+    root, env = e2e_project
+    folders = [str(p) for p in (root.parent, REPO, Path(sys.prefix))]
+    files = [root / "data/prepared/card.json", *root.glob("models/*.onnx"),
+             *(p for ext in ("json", "csv", "md") for p in root.glob(f"reports/**/*.{ext}"))]
+    assert len([p for p in files if p.suffix == ".onnx"]) == 2
+    assert not [(p, f) for p in files for f in folders if f.encode() in p.read_bytes()]
+    runs = [r for r in stage_runs(env) if r.info.status == "FINISHED"]
+    records = [(r.data.tags.get("stage"), value) for r in runs
+               for value in (*r.data.params.values(), *r.data.tags.values(),
+                             *(d.dataset.source for d in r.inputs.dataset_inputs))]
+    assert not [(stage, v) for stage, v in records for f in folders if f in v]
 
 
 def test_exp_run_with_override_shows_in_exp_show(e2e_project):
