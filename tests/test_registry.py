@@ -39,7 +39,12 @@ def test_report_registers_candidate_and_check_promotes_champion(e2e_project, tmp
     tags = candidate.tags
     assert tags["summary_sha256"] == sha256(root / "reports/summary.json")
     assert tags["onnx_sha256"] == sha256(root / "models/model.onnx")
-    assert len(tags["git_commit"]) == 40 and len(tags["config_hash"]) == 16
+    # the commit and config of the report run that registered it (not just 40 / 16 chars)
+    exp = client.get_experiment_by_name("bnnprune").experiment_id
+    [report] = [r for r in client.search_runs([exp], "tags.stage = 'report'")
+                if r.data.tags["config_hash"] == tags["config_hash"]]
+    head = sh(["git", "rev-parse", "HEAD"], root, env).stdout.strip()
+    assert tags["git_commit"] == report.data.tags["git_commit"] == head
     assert float(tags["pruned.test_acc"]) == pytest.approx(summary["pruned"]["test_acc"])
     assert float(tags["reduction.bops_pct"]) == pytest.approx(summary["reduction"]["bops_pct"],
                                                               rel=1e-5)
