@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bnnprune.cli import run_stage
 from bnnprune.core.files import save_csv, save_json
-from bnnprune.models.chain import load_checkpoint
+from bnnprune.models import load_checkpoint
 from bnnprune.pipeline.benchmark import (
     BACKENDS,
     flat_metrics,

@@ -4,7 +4,7 @@ pruned_bnn_onnx), once parity passed."""
 
 from bnnprune.cli import run_stage
 from bnnprune.core.files import save_json
-from bnnprune.models.chain import load_checkpoint
+from bnnprune.models import load_checkpoint
 from bnnprune.pipeline.config import load_params
 from bnnprune.pipeline.data import load_prepared, sha256
 from bnnprune.pipeline.export import (

@@ -7,7 +7,7 @@ from contextlib import nullcontext
 
 from bnnprune.cli import run_stage
 from bnnprune.core.files import save_csv, save_json
-from bnnprune.models.chain import load_checkpoint, save_checkpoint
+from bnnprune.models import load_checkpoint, save_checkpoint
 from bnnprune.pipeline.config import as_dict, load_params
 from bnnprune.pipeline.data import load_prepared
 from bnnprune.pipeline.pruning import finetune

@@ -6,7 +6,7 @@ import time
 from bnnprune.cli import run_stage
 from bnnprune.core.files import save_csv, save_json
 from bnnprune.core.flips import interval_counts, load_flips
-from bnnprune.models.chain import load_checkpoint, save_checkpoint
+from bnnprune.models import load_checkpoint, save_checkpoint
 from bnnprune.pipeline.config import load_params
 from bnnprune.pipeline.data import load_prepared
 from bnnprune.pipeline.pruning import (

@@ -9,7 +9,7 @@ import mlflow
 from bnnprune.cli import run_stage
 from bnnprune.core.files import load_json, save_json
 from bnnprune.core.flips import load_flips
-from bnnprune.models.chain import load_checkpoint
+from bnnprune.models import load_checkpoint
 from bnnprune.pipeline.config import ConfigError, load_params
 from bnnprune.pipeline.data import load_prepared
 from bnnprune.pipeline.tracking import log_artifacts, log_metrics, stage_run

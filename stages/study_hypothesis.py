@@ -5,7 +5,7 @@ per layer (bootstrap CIs); and p_l against the layer sensitivities."""
 from bnnprune.cli import run_stage
 from bnnprune.core.files import load_json, save_json
 from bnnprune.core.flips import load_flips
-from bnnprune.models.chain import load_checkpoint
+from bnnprune.models import load_checkpoint
 from bnnprune.pipeline.config import load_params
 from bnnprune.pipeline.data import load_prepared
 from bnnprune.pipeline.tracking import layer_segment, log_artifacts, log_metrics, stage_run

@@ -4,7 +4,7 @@ layer alone loses study.sensitivity_ratio of its channels; validation drop), whi
 
 from bnnprune.cli import run_stage
 from bnnprune.core.files import save_json
-from bnnprune.models.chain import load_checkpoint
+from bnnprune.models import load_checkpoint
 from bnnprune.pipeline.config import load_params
 from bnnprune.pipeline.data import load_prepared
 from bnnprune.pipeline.tracking import layer_segment, log_artifacts, log_metrics, stage_run

@@ -6,7 +6,7 @@ import mlflow
 
 from bnnprune.cli import run_stage
 from bnnprune.core.files import load_json, save_csv, save_json, write_atomic
-from bnnprune.models.chain import load_checkpoint
+from bnnprune.models import load_checkpoint
 from bnnprune.pipeline.config import load_params
 from bnnprune.pipeline.tracking import log_artifacts, log_metrics, stage_run
 from bnnprune.pipeline.train import fingerprint

@@ -7,7 +7,7 @@ from contextlib import nullcontext
 
 from bnnprune.cli import run_stage
 from bnnprune.core.files import save_csv, save_json, save_torch
-from bnnprune.models.chain import build_model, model_config, save_checkpoint
+from bnnprune.models import build_model, model_config, save_checkpoint
 from bnnprune.pipeline.config import load_params
 from bnnprune.pipeline.data import load_prepared
 from bnnprune.pipeline.tracking import log_artifacts, log_dataset, log_metrics, stage_run
@@ -33,8 +33,9 @@ def main() -> None:
     groups = {"data": params.data, "model": params.model, "train": cfg}
     key = fingerprint(groups, card["sources"])
     with stage_run("train", groups, key) if rank == 0 else nullcontext():
-        model = build_model(model_config(params.model.arch, params.model.width, card["shape"],
-                                         card["num_classes"]), seed=cfg.seed)
+        m = params.model
+        model = build_model(model_config(m.arch, m.width, card["shape"], card["num_classes"],
+                                         m.kwargs, m.binary), seed=cfg.seed)
         start = time.perf_counter()
         result = fit(model, splits["train"], splits["val"], card, cfg, RESUME)
         seconds = time.perf_counter() - start

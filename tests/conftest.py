@@ -40,7 +40,7 @@ def tiny_bnn(arch: str, in_shape: list[int], width: float, channels: list[int] |
              seed: int = 0):
     """A small BNN in eval mode with random BatchNorm statistics (some gamma < 0, and a
     constant channel: gamma 0), so folded thresholds of every kind are exercised."""
-    from bnnprune.models.chain import build_model, model_config
+    from bnnprune.models import build_model, model_config
 
     cfg = model_config(arch, width, in_shape, 10)
     if channels is not None:

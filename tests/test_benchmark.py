@@ -4,7 +4,7 @@ triton_cuda bookkeeping with a stand-in engine (no GPU here)."""
 import pytest
 import torch
 
-from bnnprune.models.chain import build_model, model_config
+from bnnprune.models import build_model, model_config
 from bnnprune.pipeline import benchmark, tracking
 
 

@@ -16,7 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from bnnprune.core.flips import load_flips
-from bnnprune.models.chain import load_checkpoint
+from bnnprune.models import load_checkpoint
 
 from conftest import copy_project, sh
 

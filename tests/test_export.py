@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from bnnprune.models.chain import build_model, model_config, save_checkpoint
+from bnnprune.models import build_model, model_config, save_checkpoint
 from bnnprune.pipeline import export
 from bnnprune.pipeline.config import ExportConfig
 from bnnprune.pipeline.data import make_synthetic
@@ -306,7 +306,7 @@ def test_folded_graph_has_no_pad_or_where(tmp_path):
 EXPORT_IN_CHECKOUT = """
 import json, sys
 import bnnprune
-from bnnprune.models.chain import load_checkpoint
+from bnnprune.models import load_checkpoint
 from bnnprune.pipeline.config import ExportConfig
 from bnnprune.pipeline.export import export_onnx
 model = load_checkpoint("models/finetuned.pt")[0]

@@ -120,7 +120,7 @@ def test_checkpoint_of_the_wrong_architecture_keeps_the_pruned_outputs(project):
     """A baseline of another architecture dropped into models/ and the prune stage run alone:
     prune stops before touching its outputs, and `dvc checkout --force` brings the recorded
     baseline back."""
-    from bnnprune.models.chain import build_model, model_config, save_checkpoint
+    from bnnprune.models import build_model, model_config, save_checkpoint
 
     root, env = project
     recorded = checksums(root)

@@ -31,7 +31,8 @@ STEPS = [
 def test_step_granularity_counts_every_sign_change_in_the_window_only():
     model = Tiny()
     set_weights(model, INITIAL)
-    counter = FlipCounter(model, "step")
+    counter = FlipCounter(model, granularity="step")
+    counter.active = False  # the training loop configures the interval per epoch
     set_weights(model, STEPS[0])
     counter.step()  # an epoch outside the window: not counted, but becomes the reference
     assert counter.end_epoch()["fc"] == pytest.approx(1 / 3)
@@ -48,7 +49,8 @@ def test_step_granularity_counts_every_sign_change_in_the_window_only():
 def test_epoch_granularity_sees_only_end_of_epoch_snapshots():
     model = Tiny()
     set_weights(model, INITIAL)
-    counter = FlipCounter(model, "epoch")
+    counter = FlipCounter(model, granularity="epoch")
+    counter.active = False  # the training loop configures the interval per epoch
     counter.active = True
     for values in STEPS[:2]:  # epoch 1: w0 flips twice (back to +), w1 flips once
         set_weights(model, values)
@@ -65,12 +67,13 @@ def test_epoch_granularity_sees_only_end_of_epoch_snapshots():
 def test_state_dict_roundtrip_continues_counting():
     model = Tiny()
     set_weights(model, INITIAL)
-    counter = FlipCounter(model, "step")
+    counter = FlipCounter(model, granularity="step")
+    counter.active = False  # the training loop configures the interval per epoch
     counter.active = True
     set_weights(model, STEPS[0])
     counter.step()
     counter.end_epoch()
-    clone = FlipCounter(model, "step")
+    clone = FlipCounter(model, granularity="step")
     clone.load_state_dict(counter.state_dict())
     set_weights(model, STEPS[1])
     clone.step()

@@ -2,14 +2,14 @@ import pytest
 import torch
 
 from bnnprune.core.binary import BinaryConv2d, binary_layers
-from bnnprune.models.chain import (
-    ARCHS,
+from bnnprune.models import (
     CheckpointError,
     build_model,
     load_checkpoint,
     model_config,
     save_checkpoint,
 )
+from bnnprune.models.chain import ARCHS
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))

@@ -4,23 +4,24 @@ from torch import nn
 
 from bnnprune.core.binary import BINARY_LAYERS
 from bnnprune.core.ops import count_ops, reduction_pct
-from bnnprune.models.chain import ARCHS, build_model, model_config
+from bnnprune.models import build_model, model_config
+from bnnprune.models.chain import ARCHS
 
 CNN = model_config("cnn", 0.25, [1, 28, 28], 10)  # channels [8, 8, 16, 16, 32, 32]
 
 
 def test_small_cnn_counts_equal_hand_computed_values():
-    ops = count_ops(CNN)
+    ops = count_ops(build_model(CNN)).to_dict()
     rows = {r["name"]: r for r in ops["layers"]}
     # float stem 1 -> 8, 3x3, pad 1, 28x28 out: 28*28 * 8 * 1*9 MACs
-    assert rows["blocks.0"]["flops"] == 28 * 28 * 8 * 9 == 56448
-    assert rows["blocks.0"]["bops"] == 0
+    assert rows["blocks.0.layer"]["flops"] == 28 * 28 * 8 * 9 == 56448
+    assert rows["blocks.0.layer"]["bops"] == 0
     # binary 8 -> 8 at 28x28 (max-pool after: counted before pooling)
-    assert rows["blocks.1"]["bops"] == 28 * 28 * 8 * 8 * 9 == 451584
-    assert rows["blocks.2"]["bops"] == 14 * 14 * 16 * 8 * 9 == 225792
-    assert rows["blocks.3"]["bops"] == 14 * 14 * 16 * 16 * 9 == 451584
-    assert rows["blocks.4"]["bops"] == 7 * 7 * 32 * 16 * 9 == 225792
-    assert rows["blocks.5"]["bops"] == 7 * 7 * 32 * 32 * 9 == 451584
+    assert rows["blocks.1.layer"]["bops"] == 28 * 28 * 8 * 8 * 9 == 451584
+    assert rows["blocks.2.layer"]["bops"] == 14 * 14 * 16 * 8 * 9 == 225792
+    assert rows["blocks.3.layer"]["bops"] == 14 * 14 * 16 * 16 * 9 == 451584
+    assert rows["blocks.4.layer"]["bops"] == 7 * 7 * 32 * 16 * 9 == 225792
+    assert rows["blocks.5.layer"]["bops"] == 7 * 7 * 32 * 32 * 9 == 451584
     # classifier: flatten 32 x 3 x 3 -> 10, bias not counted as MACs
     assert rows["classifier"]["flops"] == 32 * 3 * 3 * 10 == 2880
     assert rows["classifier"]["in_channels"] == 288
@@ -38,7 +39,7 @@ def test_small_cnn_counts_equal_hand_computed_values():
 
 
 def test_pruned_config_is_counted_with_its_channels():
-    ops = count_ops({**CNN, "channels": [8, 5, 16, 7, 32, 9]})
+    ops = count_ops(build_model({**CNN, "channels": [8, 5, 16, 7, 32, 9]})).to_dict()
     bops = [r["bops"] for r in ops["layers"]]
     assert bops == [0, 28 * 28 * 5 * 8 * 9, 14 * 14 * 16 * 5 * 9, 14 * 14 * 7 * 16 * 9,
                     7 * 7 * 32 * 7 * 9, 7 * 7 * 9 * 32 * 9, 0]
@@ -72,7 +73,7 @@ def test_counts_match_the_shapes_the_model_really_computes(arch, shape):
     config["channels"] = [c if i == 0 else max(1, c - 1 - i % 3)
                           for i, c in enumerate(config["channels"])]
     model = build_model(config, seed=0)
-    ops = count_ops(model)
+    ops = count_ops(model).to_dict()
     assert (ops["total"]["bops"], ops["total"]["flops"]) == hooked_macs(model, shape)
     n_binary = sum(p.numel() for m in model.modules() if isinstance(m, BINARY_LAYERS)
                    for p in m.parameters())

@@ -12,7 +12,7 @@ from torch import nn
 from bnnprune.core.binary import BINARY_LAYERS, binarize
 from bnnprune.core.flips import FlipCounter
 from bnnprune.core.ops import count_ops
-from bnnprune.models.chain import build_model, load_checkpoint, model_config, save_checkpoint
+from bnnprune.models import build_model, load_checkpoint, model_config, save_checkpoint
 from bnnprune.pipeline.config import DataConfig, PruneConfig, Subset
 from bnnprune.pipeline.data import prepare
 from bnnprune.pipeline.pruning import (
@@ -198,15 +198,15 @@ def test_global_target_reaches_the_bop_reduction_for_every_criterion():
     model = build_model(model_config("cnn", 0.5, [1, 28, 28], 10), seed=0)
     counts = {n: torch.randint(0, 40, c.shape, generator=torch.Generator().manual_seed(3),
                                dtype=torch.int32) for n, c in zero_counts(model).items()}
-    before = count_ops(model)["total"]["bops"]
+    before = count_ops(model).bops
     for criterion in ("flip", "latent", "random"):
         cfg = PruneConfig(round_to=1, tau=20, min_channels=4, target_bop_reduction=0.3)
         pruned, _ = run_pruning(model, counts, cfg, criterion)
-        after = count_ops(pruned)["total"]["bops"]
+        after = count_ops(pruned).bops
         assert 0.3 <= 1 - after / before < 0.33  # reached, and within a few channels of it
         assert min(s.out for s in pruned.specs[1:]) >= 4
     with pytest.raises(PruneError, match=r"target_bop_reduction: 0\.99 cannot be reached with "
-                                         r"prune.min_channels 4"):
+                                         r"min_channels 4"):
         run_pruning(model, counts,
                     PruneConfig(round_to=1, min_channels=4, target_bop_reduction=0.99))
 
@@ -241,7 +241,7 @@ def test_prune_report():
     pruned, rounds = run_pruning(model, hand_counts(model),
                                  PruneConfig(round_to=1, tau=2, min_channels=1))
     report = prune_report(model, pruned, rounds[0]["p"])
-    layer = report["layers"]["blocks.1"]
+    layer = report["layers"]["blocks.1.layer"]
     assert (layer["p"], layer["channels_before"], layer["channels_after"]) == (0.5, 4, 2)
     assert layer["bops_before"] == 8 * 8 * 4 * 2 * 9 and layer["bops_after"] == 8 * 8 * 2 * 2 * 9
     assert report["total"]["bops_reduction_pct"] > 0
@@ -300,7 +300,7 @@ def test_stages_prune_finetune_write_their_outputs(project):
     prune = json.loads(Path("reports/metrics/prune.json").read_text())
     model, ckpt = load_checkpoint("models/pruned.pt", arch="cnn")
     assert [s.out for s in model.specs] == ckpt["config"]["channels"]
-    assert [prune["layers"][f"blocks.{i}"]["channels_after"] for i in range(1, 6)] == \
+    assert [prune["layers"][f"blocks.{i}.layer"]["channels_after"] for i in range(1, 6)] == \
         ckpt["config"]["channels"][1:]
     assert prune["total"]["bops_reduction_pct"] > 0  # tau 1 on counts in 0..3 prunes
     assert run_script("finetune.py") == 0

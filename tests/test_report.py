@@ -9,7 +9,7 @@ import pytest
 
 from bnnprune.core.files import save_csv, save_json
 from bnnprune.core.ops import count_ops, reduction_pct
-from bnnprune.models.chain import build_model, model_config, save_checkpoint
+from bnnprune.models import build_model, model_config, save_checkpoint
 from bnnprune.pipeline.config import ExportConfig, parse_params
 from bnnprune.pipeline.data import make_synthetic
 from bnnprune.pipeline.pruning import prune_report
@@ -181,7 +181,7 @@ def test_dvc_metrics_file_is_a_few_numeric_headline_metrics(workspace, summary):
 
 def test_markdown_has_per_layer_tables_and_plots(workspace, summary):
     md = (workspace / report.SUMMARY_MD).read_text()
-    assert "| blocks.3 | 16 | 10 | 0.300 |" in md
+    assert "| blocks.3.layer | 16 | 10 | 0.300 |" in md
     assert "| triton | n/a | n/a | no CUDA GPU" in md
     ratio = summary["ops_ratio"]
     assert f"OPs ratio baseline / pruned: {ratio:.3f}" in md

@@ -8,7 +8,7 @@ import torch
 
 from bnnprune.core.flips import FlipsError, interval_counts
 from bnnprune.core.ops import count_ops
-from bnnprune.models.chain import build_model, model_config
+from bnnprune.models import build_model, model_config
 from bnnprune.pipeline.config import (
     ConfigError,
     DataConfig,
@@ -38,7 +38,7 @@ CNN = model_config("cnn", 1.0, [1, 28, 28], 10)  # binary layers 32/64/64/128/12
 
 def bops(model, keep):
     channels = [keep.get(i, s.out) for i, s in enumerate(model.specs)]
-    return count_ops({**model.config, "channels": channels})["total"]["bops"]
+    return count_ops(build_model({**model.config, "channels": channels})).bops
 
 
 def test_round_keep_rounds_to_multiples_within_floor_and_width():
@@ -49,7 +49,7 @@ def test_round_keep_rounds_to_multiples_within_floor_and_width():
     assert round_keep(30, 29.0, 8, 8) == 30  # never above C_out
     assert round_keep(8, 1.0, 8, 16) == 8  # narrower than the floor: keeps all
     assert round_keep(25, 12.6, 1, 1) == 13  # round_to 1: the patent's round()
-    with pytest.raises(PruneError, match=r"prune.round_to: 16 cannot be met.*allowed: 1\.\.8"):
+    with pytest.raises(PruneError, match=r"round_to: 16 cannot be met.*allowed: 1\.\.8"):
         check_round_to({"blocks.1.layer": 8, "blocks.2.layer": 32}, 16)
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from bnnprune.models.chain import build_model, model_config
+from bnnprune.models import build_model, model_config
 from bnnprune.pipeline.config import DataConfig, Subset, TrainConfig
 from bnnprune.pipeline.data import load_prepared, prepare
 from bnnprune.pipeline.train import TrainingError, fit

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 
 from bnnprune.core.flips import FlipsError
-from bnnprune.models.chain import CheckpointError
+from bnnprune.models import CheckpointError
 from bnnprune.pipeline.config import ConfigError
 from bnnprune.pipeline.data import DataError
 from bnnprune.pipeline.export import ExportError

@@ -79,8 +79,11 @@ class BinaryLayerError(ValueError):
 
 def binary_layers(model: nn.Module, binary: Binary = None) -> dict[str, nn.Module]:
     """Binary layers by qualified name, in module order: modules whose `weight` parameter's
-    sign is what their forward pass uses, 2-D (linear) or 4-D (conv)."""
+    sign is what their forward pass uses, 2-D (linear) or 4-D (conv). A model may declare its
+    own with a `bnnprune_binary` attribute (what `binary` takes), used when binary is None."""
     modules = dict(model.named_modules())
+    if binary is None:
+        binary = getattr(model, "bnnprune_binary", None)
     if binary is None:
         found = {n: m for n, m in modules.items() if isinstance(m, BINARY_LAYERS)}
         wanted = "the project's binary layers (BinaryConv2d, BinaryLinear)"

@@ -53,6 +53,10 @@ class OpCount:
     def to_dict(self) -> dict[str, Any]:
         return {"layers": self.layers, "total": self.total}
 
+    def __getitem__(self, key: str) -> Any:
+        """`ops["layers"]`, `ops["total"]`: the dict view of earlier versions."""
+        return self.to_dict()[key]
+
     def row(self, name: str) -> dict[str, Any]:
         for r in self.layers:
             if r["name"] == name:

@@ -32,7 +32,7 @@ Per block of the model (layer -> pool -> BatchNorm):
 Blocks none of this covers (average pooling between binary layers) run as torch modules.
 Threads: the kernels obey `numba.set_num_threads`, torch fallbacks `torch.set_num_threads`.
 Per-layer time: `engine(x, times)` adds each layer's seconds to the dict `times`, keyed as
-`ops.count_ops` names its rows (`blocks.<i>`, `classifier`: the head and classifier), so time
+`ops.count_ops` names its rows (`blocks.<i>.layer`, `classifier`: the head and classifier), so time
 and work line up layer by layer; a block's im2col, GEMM, pooling and packing count to it.
 """
 
@@ -105,7 +105,7 @@ class _Step(LayerStep):
     stem: tuple | None = None  # (weight, alpha, beta): float conv + BN + sign in numba
     tail: tuple | None = None  # (pool, alpha, beta, gap, weight, bias): BN -> head -> classifier
     buffers: dict = field(default_factory=dict)
-    name: str = ""  # `blocks.<i>`, as `ops.count_ops` names the layer
+    name: str = ""  # `blocks.<i>.layer`, as `ops.count_ops` names the layer
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
         buf = self.buffers.get(name)
@@ -214,7 +214,7 @@ class PackedModel:
             else:
                 steps.append(_Step("torch", block))
         for i, step in enumerate(steps):
-            step.name = f"blocks.{i}"
+            step.name = f"blocks.{i}.layer"
         if fuse:
             for step, nxt in zip(steps, steps[1:], strict=False):
                 pool = step.block.pool
@@ -246,7 +246,7 @@ class PackedModel:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, times: dict[str, float] | None = None) -> torch.Tensor:
         """x (B, C, H, W) float32 -> logits (B, classes); `times`, if given, gets each layer's
-        seconds added (keys `blocks.<i>` and `classifier`)."""
+        seconds added (keys `blocks.<i>.layer` and `classifier`)."""
         clock = time.perf_counter()
         h: torch.Tensor | np.ndarray = x
         for step in self.steps:

@@ -1,4 +1,5 @@
-"""Architectures as lists of layer specs; one BNN module builds any of them from a config.
+"""Chain architectures (cnn, nin, alexnet) as lists of layer specs; one BNN module builds any
+of them from a config.
 
 A model config (saved in every checkpoint) is enough to rebuild the network:
     {"arch": "cnn", "width": 1.0, "in_shape": [1, 28, 28], "num_classes": 10,
@@ -9,14 +10,12 @@ A model config (saved in every checkpoint) is enough to rebuild the network:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from bnnprune.core.binary import BinaryConv2d, BinaryLinear
-from bnnprune.core.files import save_torch
 
 MAX2 = ("max", 2, 2, 0)  # pool: (kind, kernel, stride, padding)
 MAX3 = ("max", 3, 2, 1)
@@ -167,48 +166,3 @@ def layer_specs(config: dict[str, Any]) -> tuple[list[LayerSpec], str]:
                              f"{len(specs)}")
         specs = [replace(s, out=int(c)) for s, c in zip(specs, channels, strict=True)]
     return specs, head
-
-
-def model_config(arch: str, width: float, in_shape: list[int], num_classes: int) -> dict:
-    specs, _ = ARCHS[arch](width)
-    return {"arch": arch, "width": width, "in_shape": list(in_shape),
-            "num_classes": num_classes, "channels": [s.out for s in specs]}
-
-
-def build_model(config: dict[str, Any], seed: int | None = None) -> BNN:
-    """Rebuild a model from its config; `seed` makes fresh initial weights reproducible."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    return BNN(config)
-
-
-def save_checkpoint(path: str | Path, model: BNN, **meta: Any) -> Path:
-    """Weights + the config that rebuilds the model + free-form metadata, written atomically."""
-    return save_torch(path, {"config": model.config, "state_dict": model.state_dict(),
-                             "meta": meta})
-
-
-class CheckpointError(ValueError):
-    pass
-
-
-def load_checkpoint(path: str | Path, arch: str | None = None) -> tuple[BNN, dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        config = ckpt["config"]
-        state = ckpt["state_dict"]
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a bnnprune checkpoint ({type(e).__name__}: {e})") \
-            from e
-    if arch is not None and config.get("arch") != arch:
-        raise CheckpointError(f"{path}: checkpoint of architecture {config.get('arch')!r}, "
-                              f"but model.arch is {arch!r}")
-    model = build_model(config)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not match its config ({e})") from e
-    return model, ckpt

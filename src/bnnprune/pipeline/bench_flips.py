@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from bnnprune.core.binary import clip_latent_weights
 from bnnprune.core.flips import FlipCounter
-from bnnprune.models.chain import build_model, model_config
+from bnnprune.models import build_model, model_config
 from bnnprune.pipeline.config import ModelConfig
 
 

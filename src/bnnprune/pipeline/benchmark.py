@@ -241,7 +241,7 @@ def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads:
     ran = [b for b in BACKENDS if b not in skipped]
 
     per_model = {}
-    ops_by_model = {name: count_ops(m) for name, m in models.items()}
+    ops_by_model = {name: count_ops(m).to_dict() for name, m in models.items()}
     for name, m in models.items():
         ops = ops_by_model[name]["total"]
         per_model[name] = {"channels": list(m.config["channels"]), "ops": ops["ops"],

@@ -40,8 +40,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["cnn", "nin", "alexnet"] = "cnn"
+    arch: str = "cnn"  # cnn | nin | alexnet | birealnet | "package.module:factory"
     width: float = field(default=1.0, metadata=_range(0.0, 16.0, True))
+    kwargs: dict = field(default_factory=dict)  # a user's factory(**kwargs)
+    binary: list[str] = field(default_factory=list)  # a user's binary layer classes
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,8 @@ class PruneConfig:
     seed: int = field(default=0, metadata=_range(0))
 
 
-METHODS = ("flip", "flip_tail", "latent", "flip_random", "uniform_random", "global_flip",
-           "scratch")
+METHODS = ("flip", "flip_tail", "latent", "flip_random", "uniform_random", "uniform_flip",
+           "global_flip", "scratch")
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,9 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
         (item,) = typing.get_args(tp)
         if isinstance(value, list):
             return [_convert(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    elif tp is dict:
+        if isinstance(value, dict):
+            return value
     elif tp is bool:
         if isinstance(value, bool):
             return value
@@ -238,9 +243,29 @@ def _build(prefix: str, raw: Any, cls: type) -> Any:
     return cls(**values)
 
 
+BUILTIN_ARCHS = ("cnn", "nin", "alexnet", "birealnet")
+
+
+def _is_factory(spec: str) -> bool:
+    module, _, name = spec.partition(":")
+    return bool(module) and name.isidentifier() and all(
+        part.isidentifier() for part in module.split("."))
+
+
 def parse_params(raw: dict | None) -> Params:
     """Validate a params mapping (as read from YAML) into typed groups."""
     params = _build("", raw, Params)
+    arch = params.model.arch
+    if arch not in BUILTIN_ARCHS and not _is_factory(arch):
+        raise ConfigError(f"model.arch: {arch!r} is not allowed; allowed: "
+                          f"{', '.join(BUILTIN_ARCHS)} or 'package.module:factory'")
+    for spec in params.model.binary:
+        if not _is_factory(spec):
+            raise ConfigError(f"model.binary: {spec!r} is not allowed; allowed: "
+                              f"'package.module:ClassName'")
+    if (params.model.kwargs or params.model.binary) and not _is_factory(arch):
+        raise ConfigError(f"model.kwargs / model.binary with model.arch {arch!r}; allowed: only "
+                          f"with a 'package.module:factory' arch")
     if "scratch" in params.study.methods and params.study.scratch_budgets:
         raise ConfigError(f"study.scratch_budgets: {params.study.scratch_budgets} while "
                           f"study.methods also lists 'scratch': both would write the scratch "

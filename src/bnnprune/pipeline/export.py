@@ -261,7 +261,7 @@ def executed_convs(path: str | Path, model: BNN, threads: int = 0) -> dict[str, 
     shapes = {init.name: list(init.dims) for init in graph.initializer}
     convs = [(n.domain, shapes[n.input[1]]) for n in graph.node if n.op_type == "Conv"
              and all(a.i == 1 for a in n.attribute if a.name == "group")]  # not BN as 1x1
-    ops = count_ops(model)
+    ops = count_ops(model).to_dict()
     rows = [r for r in ops["layers"] if r["kind"] == "conv"]
     if len(convs) != len(rows):
         raise ExportError(f"{path}: onnxruntime's graph has {len(convs)} convolutions, the "
@@ -389,7 +389,7 @@ def export_and_check(models: dict[str, tuple[BNN, str | Path]], test: Split, car
     for name, (model, _) in models.items():
         result["models"][name]["latency_ms"] = times[name]
         result["models"][name]["latency_ms_min"] = {k: v["min"] for k, v in both[name].items()}
-        total = count_ops(model)["total"]
+        total = count_ops(model).total
         result["models"][name]["macs"] = total["bops"] + total["flops"]  # as onnxruntime runs it
     if "baseline" in times and "pruned" in times:
         result["speedup"] = {k: round(times["baseline"][k] / times["pruned"][k], 4)

@@ -1,28 +1,10 @@
-"""Flip-guided structured pruning (and the latent / random baselines), physical surgery.
-
-Per binary layer l with flip counts F (the weight's shape, counted over the pruning interval):
-    insensitive = F > tau;  p_l = insensitive.mean()
-    keep_l = round_keep(C_out * (1 - p_l))   (see below)
-Kept counts are rounded to the nearest multiple of `round_to` (halves up; default 8: the
-packed CPU engine's vector of 8 output channels and onnxruntime's NCHWc block), never below the
-smallest multiple >= min_channels, never above C_out (a layer no wider than that floor keeps
-all its channels). Every allocation rounds the same way, so BOPs are reported after rounding.
-Which channels go, most prunable first:
-    flip    most insensitive weights, then highest total flip count;
-    latent  smallest mean |latent weight|;
-    random  a seeded permutation.
-Ties always fall to the lower channel index, so every plan is deterministic.
+"""Pruning the chain models (cnn, nin, alexnet) by block index, as the pipeline's prune stage
+and the study have done from the start: the flip rule, criteria and allocations of
+`core.plan` (one implementation), BOPs from `core.groups.CouplingGraph`, the chain's own
+surgery (`prune_channels`), the iterative prune -> retrain loop, and fine-tuning.
 
 Channel counts come from the flip rule (so every criterion prunes to the same BOPs), from a
-given list (`target_channels`), or, with `target_bop_reduction`, from a global ranking: every
-channel of every binary layer gets a score comparable across layers, and channels are removed
-best-first until total BOPs have dropped by the target:
-    flip    fraction of the channel's weights that are insensitive (then its mean flip count
-            per weight): both are per-weight rates, so layers of any size compare directly;
-    latent  mean |w| of the channel divided by the mean |w| of its layer (layers whose latent
-            weights sit at different scales compare by relative magnitude);
-    random  a seeded uniform number.
-
+given list (`target_channels`), or, with `target_bop_reduction`, from the global ranking.
 Surgery: the kept output channels of layer l select rows of its weight and entries of its
 BatchNorm, and input channels of the next layer; a linear layer after a flatten has its columns
 grouped (C, H*W); the classifier after the last body layer likewise. The first (float) layer is
@@ -31,7 +13,7 @@ never pruned. The result is a fresh `BNN` whose config `channels` changed.
 
 from __future__ import annotations
 
-import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -39,17 +21,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnnprune.core.ops import count_ops, reduction_pct
-from bnnprune.models.chain import BNN, build_model
+from bnnprune.core import plan
+from bnnprune.core.groups import CouplingGraph
+from bnnprune.core.ops import count_ops, example_input, reduction_pct
+from bnnprune.core.plan import (  # noqa: F401  (re-exported: the chain planner's vocabulary)
+    PruneError,
+    channel_scores,
+    check_round_to,
+    flip_keep,
+    insensitive_fraction,
+    prune_order,
+    round_keep,
+    select,
+)
+from bnnprune.models import build_model
+from bnnprune.models.chain import BNN
 from bnnprune.pipeline.config import PruneConfig, TrainConfig
 from bnnprune.pipeline.data import Split
 from bnnprune.pipeline.train import FitResult, evaluate, fit
 
 CRITERIA = ("flip", "latent", "random")
-
-
-class PruneError(ValueError):
-    """A pruning request that cannot be met; the message names the value and what is allowed."""
 
 
 def layer_name(i: int) -> str:
@@ -60,153 +51,47 @@ def binary_blocks(model: BNN) -> list[int]:
     return [i for i, s in enumerate(model.specs) if s.binary]
 
 
-# ---- the flip rule ----------------------------------------------------------------------------
-
-def insensitive_fraction(counts: torch.Tensor, tau: float) -> float:
-    """p_l: the fraction of a layer's weights whose flip count is > tau."""
-    return (counts > tau).float().mean().item()
-
-
-def round_keep(c_out: int, desired: float, min_channels: int, round_to: int = 1) -> int:
-    """A layer's kept channels: `desired` rounded to the nearest multiple of round_to (halves
-    up), at least the smallest multiple >= min_channels, at most c_out. A layer no wider than
-    that floor keeps all its channels."""
-    floor = round_to * math.ceil(min_channels / round_to)
-    if c_out <= floor:
-        return c_out
-    return min(c_out, max(floor, round_to * math.floor(desired / round_to + 0.5)))
-
-
-def flip_keep(c_out: int, p: float, min_channels: int, round_to: int = 1) -> int:
-    """The patent's count round(C_out * (1 - p)), rounded as `round_keep`."""
-    return round_keep(c_out, c_out * (1 - p), min_channels, round_to)
-
-
 def layer_p(counts: dict[str, torch.Tensor], tau: float) -> dict[str, float]:
     return {name: insensitive_fraction(c, tau) for name, c in counts.items()}
 
 
-def check_round_to(widths: dict[str, int], round_to: int) -> None:
-    """A round_to wider than a binary layer leaves it nothing to keep but all its channels."""
-    narrow = {n: w for n, w in widths.items() if w < round_to}
-    if narrow:
-        raise PruneError(f"prune.round_to: {round_to} cannot be met: binary layers {narrow} "
-                         f"have fewer output channels; allowed: 1..{min(widths.values())}")
+# ---- allocation on a chain: block index -> channels, through core.plan ------------------------
+
+def widths_of(model: BNN) -> dict[int, int]:
+    return {i: model.specs[i].out for i in binary_blocks(model)}
 
 
-# ---- selection: channel scores, higher = pruned first -----------------------------------------
-
-def channel_scores(criterion: str, weight: torch.Tensor, counts: torch.Tensor | None, tau: float,
-                   generator: torch.Generator) -> list[tuple[float, float]]:
-    """(primary, secondary) per output channel, comparable across layers (see module doc)."""
-    c_out = weight.shape[0]
-    if criterion == "flip":
-        if counts is None:
-            raise PruneError("criterion 'flip' needs flip counts")
-        per_channel = counts.reshape(c_out, -1).float()  # (C_out, C_in*k*k)
-        primary = (per_channel > tau).float().mean(1)
-        secondary = per_channel.mean(1)
-    elif criterion == "latent":
-        magnitude = weight.detach().reshape(c_out, -1).abs().mean(1)  # (C_out,)
-        primary = -magnitude / magnitude.mean().clamp_min(1e-12)
-        secondary = torch.zeros(c_out)
-    elif criterion == "random":
-        primary = torch.rand(c_out, generator=generator)
-        secondary = torch.zeros(c_out)
-    else:
-        raise PruneError(f"prune.criterion: {criterion!r} is not allowed; allowed: "
-                         f"{', '.join(CRITERIA)}")
-    return list(zip(primary.tolist(), secondary.tolist(), strict=True))
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def prune_order(scores: list[tuple[float, float]]) -> list[int]:
-    """Channel indices, most prunable first (ties: lower index first)."""
-    return sorted(range(len(scores)), key=lambda c: (-scores[c][0], -scores[c][1], c))
+def model_bops(model: BNN, keep_n: dict[int, int]) -> int:
+    """BOPs of `model` with binary block i at keep_n[i] channels (others in full)."""
+    if model not in _GRAPHS:
+        _GRAPHS[model] = CouplingGraph(model, example_input(model))
+    return _GRAPHS[model].bops({layer_name(i): n for i, n in keep_n.items()})
 
-
-def select(scores: dict[int, list[tuple[float, float]]], keep_n: dict[int, int]
-           ) -> dict[int, list[int]]:
-    """Selection: the `keep_n[i]` least prunable channels of every layer, sorted."""
-    return {i: sorted(prune_order(s)[len(s) - keep_n[i]:]) for i, s in scores.items()}
-
-
-# ---- allocation: how many channels each binary layer keeps ------------------------------------
 
 def flip_allocation(model: BNN, p: dict[str, float], min_channels: int, round_to: int
                     ) -> dict[int, int]:
     """The patent's rule: layer l keeps round(C_out,l * (1 - p_l))."""
-    return {i: flip_keep(model.specs[i].out, p[layer_name(i)], min_channels, round_to)
-            for i in binary_blocks(model)}
-
-
-def model_bops(model: BNN, keep_n: dict[int, int]) -> int:
-    channels = [keep_n.get(i, s.out) for i, s in enumerate(model.specs)]
-    return count_ops({**model.config, "channels": channels})["total"]["bops"]
+    return plan.flip_allocation(widths_of(model), {i: p[layer_name(i)] for i in
+                                                   binary_blocks(model)}, min_channels, round_to)
 
 
 def budget_allocation(model: BNN, fractions: dict[int, float], budget: float, min_channels: int,
                       round_to: int) -> dict[int, int]:
-    """Per-layer prune fractions scaled to a BOP budget: layer i keeps
-    round_keep(C_i * (1 - min(1, s * fractions[i]))), with the smallest s (bisection) whose
-    rounded counts cut BOPs by at least `budget` (a fraction). Rounding overshoots in steps of
-    round_to channels, so blocks of round_to channels are then given back, the layer rounded
-    down furthest first, while the budget still holds: methods meet a budget about equally."""
-    def desired(s: float) -> dict[int, float]:
-        return {i: model.specs[i].out * (1 - min(1.0, s * f)) for i, f in fractions.items()}
-
-    def keep(s: float) -> dict[int, int]:
-        return {i: round_keep(model.specs[i].out, d, min_channels, round_to)
-                for i, d in desired(s).items()}
-
-    start = model_bops(model, {})
-    meets = lambda k: 1 - model_bops(model, k) / start >= budget  # noqa: E731
-    reached = lambda s: meets(keep(s))  # noqa: E731
-    top = 1 / max(min(f for f in fractions.values() if f > 0), 1e-9) if any(
-        f > 0 for f in fractions.values()) else 0.0
-    if not reached(top):
-        most = 1 - model_bops(model, keep(top)) / start
-        raise PruneError(f"BOP budget {budget} cannot be reached with prune.min_channels "
-                         f"{min_channels} and prune.round_to {round_to} (at most {most:.4f}); "
-                         f"allowed: a lower budget, a smaller min_channels or round_to")
-    lo, hi = 0.0, top
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if reached(mid) else (mid, hi)
-    kept, wish = keep(hi), desired(hi)
-    while True:
-        for i in sorted(kept, key=lambda i: (kept[i] - wish[i], i)):
-            more = {**kept, i: min(model.specs[i].out, kept[i] + round_to)}
-            if more[i] > kept[i] and meets(more):
-                kept = more
-                break
-        else:
-            return kept
+    """`plan.budget_allocation` on the binary blocks of a chain."""
+    widths = {i: model.specs[i].out for i in fractions}
+    return plan.budget_allocation(widths, fractions, budget, lambda k: model_bops(model, k),
+                                  min_channels, round_to)
 
 
 def global_keep_counts(model: BNN, scores: dict[int, list[tuple[float, float]]], target: float,
                        min_channels: int, round_to: int = 1) -> dict[int, int]:
-    """Rank channels best-first across all binary layers; a layer gives up round_to channels
-    each time round_to of its channels have been ranked, until BOPs drop by `target`."""
-    out = {i: model.specs[i].out for i in scores}
-    channels = dict(out)
-    ranked_in = dict.fromkeys(scores, 0)
-    start = model_bops(model, {})
-    ranked = sorted(((-s[0], -s[1], i, c) for i, layer in scores.items()
-                     for c, s in enumerate(layer)))
-    for *_, i, _c in ranked:
-        if reduction_pct(start, model_bops(model, channels)) >= 100 * target:
-            break
-        ranked_in[i] += 1
-        fewer = round_keep(out[i], out[i] - round_to * (ranked_in[i] // round_to), min_channels,
-                           round_to)
-        channels[i] = min(channels[i], fewer)
-    reached = reduction_pct(start, model_bops(model, channels))
-    if reached < 100 * target:
-        raise PruneError(f"prune.target_bop_reduction: {target} cannot be reached with "
-                         f"prune.min_channels {min_channels} and prune.round_to {round_to} "
-                         f"(at most {reached / 100:.4f}); allowed: a lower target or a smaller "
-                         f"min_channels or round_to")
-    return channels
+    """`plan.global_keep_counts` on the binary blocks of a chain."""
+    widths = {i: model.specs[i].out for i in scores}
+    return plan.global_keep_counts(widths, scores, target, lambda k: model_bops(model, k),
+                                   min_channels, round_to)
 
 
 # ---- planning --------------------------------------------------------------------------------
@@ -354,7 +239,7 @@ def retrain_config(finetune: TrainConfig, cfg: PruneConfig) -> TrainConfig:
 
 def prune_report(before: BNN, after: BNN, p: dict[str, float]) -> dict[str, Any]:
     """Per binary layer p_l, channels and BOPs before/after; totals and reductions in %."""
-    ops_b, ops_a = count_ops(before), count_ops(after)
+    ops_b, ops_a = count_ops(before).to_dict(), count_ops(after).to_dict()
     layers = {}
     for i in binary_blocks(before):
         row_b, row_a = ops_b["layers"][i], ops_a["layers"][i]

@@ -31,7 +31,8 @@ from tqdm import tqdm
 from bnnprune.core.binary import clip_latent_weights
 from bnnprune.core.files import save_torch
 from bnnprune.core.flips import FlipCounter
-from bnnprune.models.chain import BNN, build_model
+from bnnprune.models import build_model
+from bnnprune.models.chain import BNN
 from bnnprune.pipeline.config import TrainConfig
 from bnnprune.pipeline.data import Split, normalize
 from bnnprune.pipeline.tracking import layer_segment, project_path

@@ -12,9 +12,11 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from bnnprune.core.files import load_json, save_csv, save_json, write_atomic
 from bnnprune.core.ops import count_ops, reduction_pct
-from bnnprune.models.chain import load_checkpoint
+from bnnprune.models import load_checkpoint
 from bnnprune.pipeline.benchmark import batch_size_of, layer_table_md
 from bnnprune.reports.plots import plot_all
 
@@ -73,7 +75,7 @@ def load_inputs(root: str | Path = ".") -> dict[str, Any]:
             elif path.suffix == ".md":
                 out[name] = path.read_text()
             else:
-                out[name] = load_checkpoint(path)[0].config
+                out[name] = load_checkpoint(path)[0]
         except ReportError:
             raise
         except Exception as e:
@@ -90,8 +92,8 @@ def _get(d: dict, key: str, source: str) -> Any:
 
 # ---- summary ---------------------------------------------------------------------------------
 
-def model_costs(config: dict, test_acc: float) -> dict[str, float]:
-    total = count_ops(config)["total"]
+def model_costs(model: nn.Module, test_acc: float) -> dict[str, float]:
+    total = count_ops(model).total
     return {"test_acc": test_acc, "bops": total["bops"], "flops": total["flops"],
             "ops": total["ops"], "size_bytes": total["size_bytes"]}
 
@@ -180,8 +182,8 @@ def build_summary(inputs: dict[str, Any], speed: dict[str, Any] | None = None) -
     parity = {name: m["parity"] for name, m in inputs["export"]["models"].items()}
     return {
         "dataset": card["dataset"],
-        "model": {"arch": inputs["baseline_model"]["arch"],
-                  "width": inputs["baseline_model"].get("width"),
+        "model": {"arch": inputs["baseline_model"].config["arch"],
+                  "width": inputs["baseline_model"].config.get("width"),
                   "criterion": _get(prune, "criterion", INPUTS["prune"][0]),
                   "tau": prune.get("tau")},
         "baseline": baseline,

@@ -23,7 +23,7 @@ re-checks a sample and records the mismatches).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numba
@@ -32,8 +32,10 @@ import torch.nn.functional as F
 
 from bnnprune.core.flips import interval_counts
 from bnnprune.core.ops import count_ops, reduction_pct
+from bnnprune.core.plan import METHODS, Method
 from bnnprune.engines.packed import PackedModel
-from bnnprune.models.chain import BNN, build_model
+from bnnprune.models import build_model
+from bnnprune.models.chain import BNN
 from bnnprune.pipeline.config import PruneConfig, StudyConfig, TrainConfig
 from bnnprune.pipeline.data import Split, normalize
 from bnnprune.pipeline.pruning import (
@@ -52,25 +54,6 @@ from bnnprune.study.stats import spearman_ci
 
 SENSITIVITY_FLOOR_PT = 0.5  # a layer whose drop is below this counts as (almost) insensitive
 PARITY_IMAGES = 512  # test images on which every cell checks the engine against torch
-
-
-@dataclass(frozen=True)
-class Method:
-    allocation: str  # flip | sensitivity | uniform | global
-    selection: str  # flip | latent | random
-    interval: str = "window"  # flip counts: window | tail
-    scratch: bool = False
-
-
-METHODS = {
-    "flip": Method("flip", "flip"),
-    "flip_tail": Method("flip", "flip", "tail"),
-    "latent": Method("sensitivity", "latent"),
-    "flip_random": Method("flip", "random"),
-    "uniform_random": Method("uniform", "random"),
-    "global_flip": Method("global", "flip"),
-    "scratch": Method("flip", "flip", scratch=True),
-}
 
 
 # ---- evaluation on the packed engine ---------------------------------------------------------
@@ -187,7 +170,7 @@ def run_cell(name: str, budget: float, seed: int, baseline: BNN, flips: dict[str
             resume_path, desc=f"{name} scratch")
     history = recover(pruned, splits, card, finetune, study, seed, desc=f"{name} recovery")
     after = evaluate_packed(pruned, splits["test"], card)
-    ops_b, ops_a = count_ops(baseline)["total"], count_ops(pruned)["total"]
+    ops_b, ops_a = count_ops(baseline).total, count_ops(pruned).total
     return {
         "method": name, "budget": budget, "seed": seed, "allocation": method.allocation,
         "selection": method.selection, "interval": method.interval, "scratch": method.scratch,
