@@ -7,12 +7,14 @@ from bnnprune.cli import run_stage
 from bnnprune.core.files import save_csv, save_json
 from bnnprune.core.flips import interval_counts, load_flips
 from bnnprune.models import load_checkpoint, save_checkpoint
+from bnnprune.models.chain import BNN
 from bnnprune.pipeline.config import load_params
 from bnnprune.pipeline.data import load_prepared
 from bnnprune.pipeline.pruning import (
     PruneError,
     accuracy,
     channel_rows,
+    prune_any,
     prune_report,
     retrain_config,
     run_pruning,
@@ -48,9 +50,18 @@ def main() -> None:
     with stage_run("prune", groups, fingerprint(groups, ckpt["config"], ckpt["meta"])):
         start = time.perf_counter()
         counts = interval_counts(flips, cfg.interval)
-        model, rounds = run_pruning(baseline, counts, cfg, retrain=retrain)
+        if isinstance(baseline, BNN):
+            model, rounds = run_pruning(baseline, counts, cfg, retrain=retrain)
+            report = prune_report(baseline, model, rounds[0]["p"])
+        else:  # birealnet, a user's model: coupled groups from the graph
+            model, groups = prune_any(baseline, counts, cfg)
+            g = groups.groups.values()
+            rounds = [{"round": 1, "p": {n: x["p"] for n, x in groups.groups.items()},
+                       "max_p": max((x["p"] for x in g), default=0.0), "pruned": True,
+                       "channels_before": [x["channels_before"] for x in g],
+                       "channels_after": [x["channels_after"] for x in g]}]
+            report = prune_report(baseline, model, rounds[0]["p"], groups)
         seconds = time.perf_counter() - start
-        report = prune_report(baseline, model, rounds[0]["p"])
         metrics = {"criterion": cfg.criterion, "tau": cfg.tau, **report,
                    "rounds": sum(r["pruned"] for r in rounds),
                    "max_p": {str(r["round"]): r["max_p"] for r in rounds},

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from bnnprune.cli import run_stage
 from bnnprune.core.files import write_atomic
+from bnnprune.models import build_model, model_config
+from bnnprune.models.birealnet import default_channels
 from bnnprune.models.chain import ARCHS
 from bnnprune.pipeline.config import flat_dict, load_params
 from bnnprune.pipeline.pruning import check_round_to, layer_name
@@ -23,9 +25,17 @@ def main() -> None:
     # the run opens before parsing: an invalid params.yaml ends it FAILED with the error
     with stage_run("validate", {}, fingerprint(PARAMS.read_text() if PARAMS.is_file() else "")):
         params = load_params(PARAMS)
-        specs, _ = ARCHS[params.model.arch](params.model.width)
-        check_round_to({layer_name(i): s.out for i, s in enumerate(specs) if s.binary},
-                       params.prune.round_to)
+        m = params.model
+        if m.arch in ARCHS:
+            specs, _ = ARCHS[m.arch](m.width)
+            widths = {layer_name(i): s.out for i, s in enumerate(specs) if s.binary}
+        elif m.arch == "birealnet":
+            widths = {f"stage {s}": c for s, c in enumerate(default_channels(m.width))}
+        else:  # a user's model: importable, callable, with binary layers (else a clear error)
+            build_model(model_config(m.arch, m.width, [1, 1, 1], 1, m.kwargs, m.binary))
+            widths = {}
+        if widths:
+            check_round_to(widths, params.prune.round_to)
         log_params(flat_dict(params))
         write_atomic(OUT, lambda p: p.write_text("params.yaml is valid\n"))
     print("params.yaml is valid")

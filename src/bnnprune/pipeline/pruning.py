@@ -24,16 +24,15 @@ from torch import nn
 from bnnprune.core import plan
 from bnnprune.core.groups import CouplingGraph
 from bnnprune.core.ops import count_ops, example_input, reduction_pct
-from bnnprune.core.plan import (  # noqa: F401  (re-exported: the chain planner's vocabulary)
+from bnnprune.core.plan import (
+    Method,  # noqa: F401  (re-exported: the chain planner's vocabulary)
     PruneError,
     channel_scores,
     check_round_to,
-    flip_keep,
     insensitive_fraction,
-    prune_order,
-    round_keep,
     select,
 )
+from bnnprune.core.prune import PruneReport, prune
 from bnnprune.models import build_model
 from bnnprune.models.chain import BNN
 from bnnprune.pipeline.config import PruneConfig, TrainConfig
@@ -237,11 +236,19 @@ def retrain_config(finetune: TrainConfig, cfg: PruneConfig) -> TrainConfig:
 
 # ---- reporting -------------------------------------------------------------------------------
 
-def prune_report(before: BNN, after: BNN, p: dict[str, float]) -> dict[str, Any]:
-    """Per binary layer p_l, channels and BOPs before/after; totals and reductions in %."""
+def prune_report(before: nn.Module, after: nn.Module, p: dict[str, float],
+                 groups: PruneReport | None = None) -> dict[str, Any]:
+    """Per binary layer of a chain (or per coupled group, from `groups`, of any other model)
+    p, channels and BOPs before/after; totals and reductions in %."""
     ops_b, ops_a = count_ops(before).to_dict(), count_ops(after).to_dict()
     layers = {}
-    for i in binary_blocks(before):
+    if groups is not None:
+        for name, g in groups.groups.items():
+            layers[name] = {k: g[k] for k in ("p", "channels_before", "channels_after",
+                                              "bops_before", "bops_after")}
+            layers[name]["bops_reduction_pct"] = reduction_pct(g["bops_before"], g["bops_after"])
+            layers[name]["layers"] = g["writers"]
+    for i in binary_blocks(before) if groups is None else []:
         row_b, row_a = ops_b["layers"][i], ops_a["layers"][i]
         layers[row_b["name"]] = {
             "p": p.get(layer_name(i)), "channels_before": row_b["out_channels"],
@@ -256,12 +263,32 @@ def prune_report(before: BNN, after: BNN, p: dict[str, float]) -> dict[str, Any]
     return {"layers": layers, "total": total}
 
 
+def _index(name: str, position: int) -> int:
+    """A chain block's index (`blocks.<i>.layer`), else the group's position."""
+    part = name.split(".")[1] if name.count(".") else ""
+    return int(part) if name.startswith("blocks.") and part.isdigit() else position
+
+
+def prune_any(model: nn.Module, counts: dict[str, torch.Tensor], cfg: PruneConfig
+              ) -> tuple[nn.Module, PruneReport]:
+    """A model that is not a chain (birealnet, a user's module) through `core.prune.prune`:
+    the flip rule (or `prune.criterion` under it), or with prune.target_bop_reduction the
+    global ranking by the criterion."""
+    if cfg.iterations > 1:
+        raise PruneError(f"prune.iterations: {cfg.iterations} on a {model.config['arch']!r} "
+                         f"model; allowed: 1 (the iterative loop runs on the chain models)")
+    allocation = "flip" if cfg.target_bop_reduction is None else "global"
+    return prune(model, example_input(model), counts, method=Method(allocation, cfg.criterion),
+                 target_bop_reduction=cfg.target_bop_reduction, tau=cfg.tau,
+                 round_to=cfg.round_to, min_channels=cfg.min_channels, seed=cfg.seed)
+
+
 def channel_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Plot data: channels (and BOPs) per binary layer before/after."""
-    return [{"layer": name, "index": int(name.split(".")[1]),
+    return [{"layer": name, "index": _index(name, i),
              "channels_before": r["channels_before"],
              "channels_after": r["channels_after"], "p": r["p"], "bops_before": r["bops_before"],
-             "bops_after": r["bops_after"]} for name, r in report["layers"].items()]
+             "bops_after": r["bops_after"]} for i, (name, r) in enumerate(report["layers"].items())]
 
 
 def finetune(model: BNN, splits: dict[str, Split], card: dict, cfg: TrainConfig,

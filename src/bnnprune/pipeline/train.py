@@ -11,6 +11,7 @@ end. Rank 0 alone evaluates, writes the resume state, logs to MLflow and writes 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -25,13 +26,13 @@ import mlflow
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from bnnprune.core.binary import clip_latent_weights
 from bnnprune.core.files import save_torch
 from bnnprune.core.flips import FlipCounter
-from bnnprune.models import build_model
 from bnnprune.models.chain import BNN
 from bnnprune.pipeline.config import TrainConfig
 from bnnprune.pipeline.data import Split, normalize
@@ -283,7 +284,5 @@ def finish_resume(resume_path: str | Path | None) -> None:
         Path(resume_path).unlink(missing_ok=True)
 
 
-def copy_model(model: BNN) -> BNN:
-    clone = build_model(model.config)
-    clone.load_state_dict(model.state_dict())
-    return clone
+def copy_model(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
