@@ -88,10 +88,11 @@ class FlipCounter:
                 "active": self.active, "tail": self.tail}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # copies: counting on must change neither `state` nor a counter it came from
         device = next(iter(self.prev.values())).device if self.prev else "cpu"
-        self.prev = {n: p.to(device) for n, p in state["prev"].items()}
-        self.counts = {n: c.to(device) for n, c in state["counts"].items()}
-        self.tail_counts = {n: c.to(device) for n, c in state["tail_counts"].items()}
+        self.prev = {n: p.to(device, copy=True) for n, p in state["prev"].items()}
+        self.counts = {n: c.to(device, copy=True) for n, c in state["counts"].items()}
+        self.tail_counts = {n: c.to(device, copy=True) for n, c in state["tail_counts"].items()}
         self.observations, self.tail_observations = (state["observations"],
                                                      state["tail_observations"])
         self.active, self.tail = state["active"], state["tail"]

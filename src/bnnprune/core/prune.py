@@ -62,9 +62,17 @@ class PruneReport:
                 "flops_after": self.flops_after, "reduction": self.reduction}
 
 
-def flip_counts(flips: Flips) -> dict[str, torch.Tensor]:
+def flip_counts(flips: Flips, interval: str = "window") -> dict[str, torch.Tensor]:
+    """The counts of `flips`; of a FlipCounter, those of the method's interval (a dict is
+    taken as the interval's counts)."""
     if isinstance(flips, FlipCounter):
-        return flips.counts
+        if interval != "tail":
+            return flips.counts
+        if not flips.tail_observations:
+            raise PruneError("flips: the FlipCounter has no tail observations (its `tail` "
+                             "interval was never on) for a method on the 'tail' interval; "
+                             "allowed: a counter with tail counts, or its .tail_counts dict")
+        return flips.tail_counts
     if isinstance(flips, dict):
         return flips
     raise PruneError(f"flips: {type(flips).__name__} is not allowed; allowed: a FlipCounter or "
@@ -149,7 +157,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple, flips: Flips |
     to cut BOPs by at least that much; without it, the flip rule decides the widths.
     `widths` fixes the kept channels per group instead (selection still by `method`)."""
     meth = method_of(method)
-    counts = flip_counts(flips) if flips is not None else {}
+    counts = flip_counts(flips, meth.interval) if flips is not None else {}
     if meth.selection == "flip" or (meth.allocation == "flip" and widths is None):
         if not counts:
             raise PruneError(f"method {method!r} needs flip counts (a FlipCounter or its "
