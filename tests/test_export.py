@@ -238,7 +238,7 @@ def test_executed_convs_read_the_channel_padding_off_onnxruntimes_graph(pruned):
             assert cout % 8 == 0 and (cin % 8 == 0 or cin == r["in_channels"]), layer
         assert layer["executed_macs"] == layer["macs"] * cin * cout // (
             r["in_channels"] * r["out_channels"])
-    padded = e["layers"]["blocks.1"]  # 5 output channels: padded to a whole block
+    padded = e["layers"]["blocks.1.layer"]  # 5 output channels: padded to a whole block
     assert padded["executed_channels"][1] > 5 and padded["executed_macs"] > padded["macs"]
     total = count_ops(model)["total"]
     assert e["executed_macs"] == total["bops"] + total["flops"] + sum(

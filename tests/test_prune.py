@@ -12,12 +12,12 @@ from torch import nn
 from bnnprune.core.binary import BINARY_LAYERS, binarize
 from bnnprune.core.flips import FlipCounter
 from bnnprune.core.ops import count_ops
+from bnnprune.core.plan import flip_keep
 from bnnprune.models import build_model, load_checkpoint, model_config, save_checkpoint
 from bnnprune.pipeline.config import DataConfig, PruneConfig, Subset
 from bnnprune.pipeline.data import prepare
 from bnnprune.pipeline.pruning import (
     PruneError,
-    flip_keep,
     insensitive_fraction,
     plan_pruning,
     prune_channels,

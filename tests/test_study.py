@@ -8,6 +8,7 @@ import torch
 
 from bnnprune.core.flips import FlipsError, interval_counts
 from bnnprune.core.ops import count_ops
+from bnnprune.core.plan import round_keep
 from bnnprune.models import build_model, model_config
 from bnnprune.pipeline.config import (
     ConfigError,
@@ -26,7 +27,6 @@ from bnnprune.pipeline.pruning import (
     channel_scores,
     check_round_to,
     global_keep_counts,
-    round_keep,
 )
 from bnnprune.pipeline.train import evaluate, fit, lr_at
 from bnnprune.study.cells import METHODS, evaluate_packed, prune_with, recovery_config, run_cell

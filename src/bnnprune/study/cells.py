@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from bnnprune.core.flips import interval_counts
 from bnnprune.core.ops import count_ops, reduction_pct
-from bnnprune.core.plan import METHODS, Method
+from bnnprune.core.plan import METHODS, Method, round_keep
 from bnnprune.engines.packed import PackedModel
 from bnnprune.models import build_model
 from bnnprune.models.chain import BNN
@@ -46,7 +46,6 @@ from bnnprune.pipeline.pruning import (
     layer_name,
     layer_p,
     prune_channels,
-    round_keep,
     select,
 )
 from bnnprune.pipeline.train import evaluate, fit
