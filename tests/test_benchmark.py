@@ -226,7 +226,7 @@ def test_per_layer_timing_lines_up_with_count_ops(result):
     layers = result["layers"]
     names = [r["name"] for r in count_ops(tiny([8, 8, 16, 16, 32, 32]))["layers"]]
     assert [r["name"] for r in layers["rows"]] == names  # stem, binary blocks, classifier
-    assert names[0] == "blocks.0" and names[-1] == "classifier"
+    assert names[0] == "blocks.0.layer" and names[-1] == "classifier"
     for r in layers["rows"]:
         assert r["baseline_ms"] > 0 and r["pruned_ms"] > 0
         assert 0 < r["work_ratio"] <= 1
@@ -251,5 +251,5 @@ def test_engine_layer_clock_sums_to_the_call():
     times: dict[str, float] = {}
     got = engine(x, times)
     assert torch.equal(got, engine(x))  # the clock changes nothing
-    assert list(times) == [f"blocks.{i}" for i in range(6)] + ["classifier"]
+    assert list(times) == [f"blocks.{i}.layer" for i in range(6)] + ["classifier"]
     assert all(v > 0 for v in times.values())
