@@ -224,7 +224,7 @@ def test_per_layer_timing_lines_up_with_count_ops(result):
     from bnnprune.core.ops import count_ops
 
     layers = result["layers"]
-    names = [r["name"] for r in count_ops(tiny([8, 8, 16, 16, 32, 32]))["layers"]]
+    names = [r["name"] for r in count_ops(tiny([8, 8, 16, 16, 32, 32])).layers]
     assert [r["name"] for r in layers["rows"]] == names  # stem, binary blocks, classifier
     assert names[0] == "blocks.0.layer" and names[-1] == "classifier"
     for r in layers["rows"]:

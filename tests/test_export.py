@@ -188,7 +188,7 @@ def test_export_and_check_times_both_models_side_by_side(tmp_path, test_split):
         / result["models"]["pruned"]["latency_ms"]["batch_16"], rel=1e-3)
     from bnnprune.core.ops import count_ops
 
-    macs = [count_ops(m)["total"] for m in (base, small)]
+    macs = [count_ops(m).total for m in (base, small)]
     ratio = (macs[0]["bops"] + macs[0]["flops"]) / (macs[1]["bops"] + macs[1]["flops"])
     assert result["mac_ratio"] == pytest.approx(ratio)
     assert result["speedup_vs_mac_ratio"]["batch_16"] == pytest.approx(
@@ -225,7 +225,7 @@ def test_executed_convs_read_the_channel_padding_off_onnxruntimes_graph(pruned):
     e = export.executed_convs(path, model, threads=1)
     from bnnprune.core.ops import count_ops
 
-    convs = [r for r in count_ops(model)["layers"] if r["kind"] == "conv"]
+    convs = [r for r in count_ops(model).layers if r["kind"] == "conv"]
     assert e["conv_layers"] == len(convs) == 6
     assert e["nchwc_layers"] >= 5  # the fast path (a 1-channel input may take another)
     for r in convs:
@@ -240,7 +240,7 @@ def test_executed_convs_read_the_channel_padding_off_onnxruntimes_graph(pruned):
             r["in_channels"] * r["out_channels"])
     padded = e["layers"]["blocks.1.layer"]  # 5 output channels: padded to a whole block
     assert padded["executed_channels"][1] > 5 and padded["executed_macs"] > padded["macs"]
-    total = count_ops(model)["total"]
+    total = count_ops(model).total
     assert e["executed_macs"] == total["bops"] + total["flops"] + sum(
         v["executed_macs"] - v["macs"] for v in e["layers"].values())
 

@@ -110,7 +110,7 @@ def test_summary_schema_and_numbers(workspace, summary):
                 "bnn_vs_float", "study"):
         assert key in on_disk, key
     for name, channels in (("baseline", BASE_CH), ("pruned", PRUNED_CH)):
-        total = count_ops(tiny(channels))["total"]
+        total = count_ops(tiny(channels)).total
         assert summary[name] == {"test_acc": pytest.approx(0.9 if name == "baseline" else 0.885),
                                  "bops": total["bops"], "flops": total["flops"],
                                  "ops": total["ops"], "size_bytes": total["size_bytes"]}

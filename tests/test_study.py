@@ -144,7 +144,7 @@ def test_every_method_prunes_to_the_budget(name):
     pruned, keep = prune_with(METHODS[name], model, flips, 0.5, 0, PruneConfig(tau=2), drops)
     assert [s.out for s in pruned.specs[1:]] == [keep[i] for i in binary_blocks(model)]
     assert all(n % 8 == 0 for n in keep.values())
-    assert 1 - count_ops(pruned)["total"]["bops"] / count_ops(model)["total"]["bops"] >= 0.5
+    assert 1 - count_ops(pruned).total["bops"] / count_ops(model).total["bops"] >= 0.5
 
 
 def test_recovery_is_sized_in_steps():

@@ -77,10 +77,9 @@ class Group:
 
 @dataclass
 class LayerCost:
-    """How one counted layer's MACs follow the group widths."""
+    """How one binary layer's BOPs follow the group widths."""
     name: str
-    binary: bool
-    macs: int
+    bops: int
     out_channels: int
     in_channels: int
     out_from: dict[str, int] = field(default_factory=dict)  # group -> output indices from it
@@ -96,7 +95,8 @@ class CouplingGraph:
         self.model = model
         self.binaries = binary_layers(model, binary)
         self.ops: OpCount = count_ops(model, example_inputs, binary)
-        names = {m: n for n, m in model.named_modules()}
+        modules = dict(model.named_modules())
+        names = {m: n for n, m in modules.items()}
         custom = {type(m): BinaryWeightPruner() for m in self.binaries.values()
                   if not isinstance(m, nn.Conv2d | nn.Linear)}
         was_training = model.training
@@ -138,9 +138,11 @@ class CouplingGraph:
             self._tp_roots[name] = (layer, out_fn)
         self.costs = []
         for row in self.ops.layers:
-            module = dict(model.named_modules())[row["name"]]
-            cost = LayerCost(row["name"], row["binary"], row["bops"] + row["flops"],
-                             row["out_channels"], self.dg.get_in_channels(module) or 0,
+            if not row["binary"]:
+                continue
+            module = modules[row["name"]]
+            cost = LayerCost(row["name"], row["bops"], row["out_channels"],
+                             self.dg.get_in_channels(module) or 0,
                              dense=getattr(module, "groups", 1) == 1)
             for is_out, into in ((True, cost.out_from), (False, cost.in_from)):
                 if (row["name"], is_out) in member_of:
@@ -162,25 +164,21 @@ class CouplingGraph:
     def widths(self) -> dict[str, int]:
         return {n: g.width for n, g in self.prunable.items()}
 
-    def cost(self, widths: dict[str, int], binary: bool = True) -> int:
-        """BOPs (binary=True) or FLOPs of the model with groups at `widths` (others in full)."""
+    def bops(self, widths: dict[str, int]) -> int:
+        """BOPs of the model with groups at `widths` (the others in full), exactly."""
+        def left(full: int, taken: dict[str, int]) -> Fraction:
+            """The share of `full` channels left when each group g keeps widths[g]."""
+            gone = sum(n * (1 - Fraction(widths.get(g, self.groups[g].width),
+                                         self.groups[g].width)) for g, n in taken.items())
+            return (full - gone) / full
+
         total = Fraction(0)
         for c in self.costs:
-            if c.binary != binary:
-                continue
-            def left(full: int, taken: dict[str, int]) -> Fraction:
-                gone = sum(Fraction(n) * (1 - Fraction(widths.get(g, self.groups[g].width),
-                                                       self.groups[g].width))
-                           for g, n in taken.items())
-                return (full - gone) / full
             share = left(c.out_channels, c.out_from)
             if c.dense and c.in_channels:
                 share *= left(c.in_channels, c.in_from)
-            total += c.macs * share
+            total += c.bops * share
         return int(total)
-
-    def bops(self, widths: dict[str, int]) -> int:
-        return self.cost(widths, binary=True)
 
     def group_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The rows of every binary layer writing group `name`, side by side:

@@ -53,10 +53,6 @@ class OpCount:
     def to_dict(self) -> dict[str, Any]:
         return {"layers": self.layers, "total": self.total}
 
-    def __getitem__(self, key: str) -> Any:
-        """`ops["layers"]`, `ops["total"]`: the dict view of earlier versions."""
-        return self.to_dict()[key]
-
     def row(self, name: str) -> dict[str, Any]:
         for r in self.layers:
             if r["name"] == name:
@@ -114,8 +110,8 @@ def count_ops(model: nn.Module, example_inputs: torch.Tensor | tuple | None = No
         return record
 
     handles = [m.register_forward_hook(hook(n, m)) for n, m in counted.items()]
+    was_training = model.training
     try:
-        was_training = model.training
         model.eval()
         model(*inputs)
     finally:

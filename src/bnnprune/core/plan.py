@@ -76,7 +76,8 @@ def method_of(name: str | Method) -> Method:
 # ---- the flip rule ----------------------------------------------------------------------------
 
 def insensitive_fraction(counts: torch.Tensor | list[torch.Tensor], tau: float) -> float:
-    """p: the fraction of weights whose flip count is > tau (over several tensors: all of them)."""
+    """p: the fraction of weights whose flip count is > tau (of a tensor: its float32 mean, as
+    the chain models have always had it; over a list of tensors: exact)."""
     if isinstance(counts, torch.Tensor):
         return (counts > tau).float().mean().item()
     over = sum(int((c > tau).sum()) for c in counts)

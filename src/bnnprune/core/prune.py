@@ -100,12 +100,10 @@ def plan(graph: CouplingGraph, counts: dict[str, torch.Tensor], method: Method,
         raise PruneError("no prunable group: every binary layer's channels reach the model's "
                          "output layer")
     check_round_to(full, round_to)
-    has_counts = bool(counts)
-    p = ({g: insensitive_fraction([c.reshape(-1) for c in [graph.group_tensors(g, counts)]],
-                                  tau) for g in full} if has_counts else {})
+    stacked = {g: graph.group_tensors(g, counts) for g in full} if counts else {}
+    p = {g: insensitive_fraction([c], tau) for g, c in stacked.items()}  # exact
     generator = torch.Generator().manual_seed(seed)
-    scores = {g: channel_scores(method.selection, graph.weights(g),
-                                graph.group_tensors(g, counts) if has_counts else None, tau,
+    scores = {g: channel_scores(method.selection, graph.weights(g), stacked.get(g), tau,
                                 generator) for g in full}
     if widths is not None:
         unknown = set(widths) - set(full)

@@ -39,6 +39,11 @@ def is_user_arch(arch: str) -> bool:
     return ":" in arch
 
 
+def unknown_arch(arch: str) -> ModelError:
+    return ModelError(f"model.arch: {arch!r} is not allowed; allowed: {', '.join(BUILTIN)} or "
+                      f"'package.module:factory'")
+
+
 def import_object(spec: str, what: str) -> Any:
     """`package.module:name` -> the object."""
     module_name, _, attr = spec.partition(":")
@@ -79,8 +84,7 @@ def model_config(arch: str, width: float, in_shape: list[int], num_classes: int,
         return {**config, "channels": birealnet.default_channels(width)}
     if is_user_arch(arch):
         return {**config, "kwargs": dict(kwargs or {}), "binary": list(binary or [])}
-    raise ModelError(f"model.arch: {arch!r} is not allowed; allowed: {', '.join(BUILTIN)} or "
-                     f"'package.module:factory'")
+    raise unknown_arch(arch)
 
 
 def build_model(config: dict[str, Any], seed: int | None = None) -> nn.Module:
@@ -93,8 +97,7 @@ def build_model(config: dict[str, Any], seed: int | None = None) -> nn.Module:
     if arch == "birealnet":
         return birealnet.BiRealNet(config)
     if not is_user_arch(arch):
-        raise ModelError(f"model.arch: {arch!r} is not allowed; allowed: {', '.join(BUILTIN)} "
-                         f"or 'package.module:factory'")
+        raise unknown_arch(arch)
     factory = import_object(arch, "model.arch")
     if not callable(factory):
         raise ModelError(f"model.arch: {arch!r} is a {type(factory).__name__}, not callable; "

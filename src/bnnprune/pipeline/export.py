@@ -261,8 +261,8 @@ def executed_convs(path: str | Path, model: BNN, threads: int = 0) -> dict[str, 
     shapes = {init.name: list(init.dims) for init in graph.initializer}
     convs = [(n.domain, shapes[n.input[1]]) for n in graph.node if n.op_type == "Conv"
              and all(a.i == 1 for a in n.attribute if a.name == "group")]  # not BN as 1x1
-    ops = count_ops(model).to_dict()
-    rows = [r for r in ops["layers"] if r["kind"] == "conv"]
+    ops = count_ops(model)
+    rows = [r for r in ops.layers if r["kind"] == "conv"]
     if len(convs) != len(rows):
         raise ExportError(f"{path}: onnxruntime's graph has {len(convs)} convolutions, the "
                           f"model {len(rows)}")
@@ -275,7 +275,7 @@ def executed_convs(path: str | Path, model: BNN, threads: int = 0) -> dict[str, 
                              "channels": [r["in_channels"], r["out_channels"]],
                              "executed_channels": [in_p, out_p], "macs": macs,
                              "executed_macs": executed}
-    total = ops["total"]
+    total = ops.total
     return {"conv_layers": len(rows), "nchwc_layers": sum(v["nchwc"] for v in layers.values()),
             "layers": layers, "executed_macs": total["bops"] + total["flops"] + extra}
 

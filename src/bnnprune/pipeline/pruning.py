@@ -13,7 +13,6 @@ never pruned. The result is a fresh `BNN` whose config `channels` changed.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -60,14 +59,11 @@ def widths_of(model: BNN) -> dict[int, int]:
     return {i: model.specs[i].out for i in binary_blocks(model)}
 
 
-_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def model_bops(model: BNN, keep_n: dict[int, int]) -> int:
-    """BOPs of `model` with binary block i at keep_n[i] channels (others in full)."""
-    if model not in _GRAPHS:
-        _GRAPHS[model] = CouplingGraph(model, example_input(model))
-    return _GRAPHS[model].bops({layer_name(i): n for i, n in keep_n.items()})
+def chain_bops(model: BNN) -> Callable[[dict[int, int]], int]:
+    """keep_n -> BOPs of `model` with binary block i at keep_n[i] channels (others in full),
+    from one traced pass."""
+    graph = CouplingGraph(model, example_input(model))
+    return lambda keep_n: graph.bops({layer_name(i): n for i, n in keep_n.items()})
 
 
 def flip_allocation(model: BNN, p: dict[str, float], min_channels: int, round_to: int
@@ -81,16 +77,16 @@ def budget_allocation(model: BNN, fractions: dict[int, float], budget: float, mi
                       round_to: int) -> dict[int, int]:
     """`plan.budget_allocation` on the binary blocks of a chain."""
     widths = {i: model.specs[i].out for i in fractions}
-    return plan.budget_allocation(widths, fractions, budget, lambda k: model_bops(model, k),
-                                  min_channels, round_to)
+    return plan.budget_allocation(widths, fractions, budget, chain_bops(model), min_channels,
+                                  round_to)
 
 
 def global_keep_counts(model: BNN, scores: dict[int, list[tuple[float, float]]], target: float,
                        min_channels: int, round_to: int = 1) -> dict[int, int]:
     """`plan.global_keep_counts` on the binary blocks of a chain."""
     widths = {i: model.specs[i].out for i in scores}
-    return plan.global_keep_counts(widths, scores, target, lambda k: model_bops(model, k),
-                                   min_channels, round_to)
+    return plan.global_keep_counts(widths, scores, target, chain_bops(model), min_channels,
+                                   round_to)
 
 
 # ---- planning --------------------------------------------------------------------------------
@@ -240,7 +236,7 @@ def prune_report(before: nn.Module, after: nn.Module, p: dict[str, float],
                  groups: PruneReport | None = None) -> dict[str, Any]:
     """Per binary layer of a chain (or per coupled group, from `groups`, of any other model)
     p, channels and BOPs before/after; totals and reductions in %."""
-    ops_b, ops_a = count_ops(before).to_dict(), count_ops(after).to_dict()
+    ops_b, ops_a = count_ops(before), count_ops(after)
     layers = {}
     if groups is not None:
         for name, g in groups.groups.items():
@@ -249,7 +245,7 @@ def prune_report(before: nn.Module, after: nn.Module, p: dict[str, float],
             layers[name]["bops_reduction_pct"] = reduction_pct(g["bops_before"], g["bops_after"])
             layers[name]["layers"] = g["writers"]
     for i in binary_blocks(before) if groups is None else []:
-        row_b, row_a = ops_b["layers"][i], ops_a["layers"][i]
+        row_b, row_a = ops_b.layers[i], ops_a.layers[i]
         layers[row_b["name"]] = {
             "p": p.get(layer_name(i)), "channels_before": row_b["out_channels"],
             "channels_after": row_a["out_channels"], "bops_before": row_b["bops"],
@@ -257,7 +253,7 @@ def prune_report(before: nn.Module, after: nn.Module, p: dict[str, float],
             "bops_reduction_pct": reduction_pct(row_b["bops"], row_a["bops"])}
     total = {}
     for key in ("bops", "flops", "ops", "size_bits"):
-        b, a = ops_b["total"][key], ops_a["total"][key]
+        b, a = ops_b.total[key], ops_a.total[key]
         total.update({f"{key}_before": b, f"{key}_after": a,
                       f"{key}_reduction_pct": reduction_pct(b, a)})
     return {"layers": layers, "total": total}

@@ -11,7 +11,6 @@ end. Rank 0 alone evaluates, writes the resume state, logs to MLflow and writes 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -26,7 +25,6 @@ import mlflow
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -282,7 +280,3 @@ def finish_resume(resume_path: str | Path | None) -> None:
     """Drop the resume state once the stage's outputs are safely written."""
     if resume_path:
         Path(resume_path).unlink(missing_ok=True)
-
-
-def copy_model(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)
