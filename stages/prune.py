@@ -54,13 +54,8 @@ def main() -> None:
             model, rounds = run_pruning(baseline, counts, cfg, retrain=retrain)
             report = prune_report(baseline, model, rounds[0]["p"])
         else:  # birealnet, a user's model: coupled groups from the graph
-            model, groups = prune_any(baseline, counts, cfg)
-            g = groups.groups.values()
-            rounds = [{"round": 1, "p": {n: x["p"] for n, x in groups.groups.items()},
-                       "max_p": max((x["p"] for x in g), default=0.0), "pruned": True,
-                       "channels_before": [x["channels_before"] for x in g],
-                       "channels_after": [x["channels_after"] for x in g]}]
-            report = prune_report(baseline, model, rounds[0]["p"], groups)
+            model, rounds, coupled = prune_any(baseline, counts, cfg)
+            report = prune_report(baseline, model, rounds[0]["p"], coupled)
         seconds = time.perf_counter() - start
         metrics = {"criterion": cfg.criterion, "tau": cfg.tau, **report,
                    "rounds": sum(r["pruned"] for r in rounds),

@@ -212,20 +212,21 @@ class FlipImportance:
     `.counts` with `model=`."""
 
     def __init__(self, counter: Flips, tau: float = 2, model: nn.Module | None = None):
+        self.counts = flip_counts(counter)
         if isinstance(counter, FlipCounter):
             layers = counter.layers
         elif model is not None:
             modules = dict(model.named_modules())
-            layers = {n: modules[n] for n in flip_counts(counter)}
+            layers = {n: modules[n] for n in self.counts}
         else:
             raise PruneError("FlipImportance: pass a FlipCounter, or its .counts with model=")
-        self.counts = flip_counts(counter)
         self.by_module = {id(m): n for n, m in layers.items()}
         self.tau = tau
 
     @torch.no_grad()
     def __call__(self, group: Any) -> torch.Tensor | None:
         root = [int(i) for i in group.items[0].root_idxs]
+        at = {r: j for j, r in enumerate(root)}  # root channel -> position in the answer
         score = torch.zeros(len(root))
         found = False
         for item in group.items:
@@ -233,7 +234,6 @@ class FlipImportance:
             if name is None or not group._DG.is_out_channel_pruning_fn(item.dep.handler):
                 continue
             found = True
-            at = {r: j for j, r in enumerate(root)}
             idxs = [int(i) for i in item.idxs]
             c = self.counts[name][idxs].reshape(len(idxs), -1).float()  # (channels, weights)
             mean = c.mean(1)

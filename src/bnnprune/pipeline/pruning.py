@@ -266,17 +266,25 @@ def _index(name: str, position: int) -> int:
 
 
 def prune_any(model: nn.Module, counts: dict[str, torch.Tensor], cfg: PruneConfig
-              ) -> tuple[nn.Module, PruneReport]:
+              ) -> tuple[nn.Module, list[dict[str, Any]], PruneReport]:
     """A model that is not a chain (birealnet, a user's module) through `core.prune.prune`:
     the flip rule (or `prune.criterion` under it), or with prune.target_bop_reduction the
-    global ranking by the criterion."""
+    global ranking by the criterion. Returns the model, its one round (as `run_pruning`'s,
+    per coupled group) and the groups' report."""
     if cfg.iterations > 1:
         raise PruneError(f"prune.iterations: {cfg.iterations} on a {model.config['arch']!r} "
                          f"model; allowed: 1 (the iterative loop runs on the chain models)")
     allocation = "flip" if cfg.target_bop_reduction is None else "global"
-    return prune(model, example_input(model), counts, method=Method(allocation, cfg.criterion),
-                 target_bop_reduction=cfg.target_bop_reduction, tau=cfg.tau,
-                 round_to=cfg.round_to, min_channels=cfg.min_channels, seed=cfg.seed)
+    pruned, report = prune(model, example_input(model), counts,
+                           method=Method(allocation, cfg.criterion),
+                           target_bop_reduction=cfg.target_bop_reduction, tau=cfg.tau,
+                           round_to=cfg.round_to, min_channels=cfg.min_channels, seed=cfg.seed)
+    groups = report.groups.values()
+    p = {n: g["p"] for n, g in report.groups.items()}
+    rounds = [{"round": 1, "p": p, "max_p": max(p.values(), default=0.0), "pruned": True,
+               "channels_before": [g["channels_before"] for g in groups],
+               "channels_after": [g["channels_after"] for g in groups]}]
+    return pruned, rounds, report
 
 
 def channel_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
