@@ -1,6 +1,7 @@
 """study_hypothesis: the direct test of "weights that flip often are insensitive": the loss
 rise when one sampled channel alone is removed, rank-correlated with each criterion's score,
-per layer (bootstrap CIs); and p_l against the layer sensitivities."""
+per unit (bootstrap CIs); and p_l against the unit sensitivities. A unit is a binary layer of a
+chain model, a prunable coupled channel group of any other (see study_sensitivity)."""
 
 from bnnprune.cli import run_stage
 from bnnprune.core.files import load_json, save_json

@@ -1,6 +1,7 @@
-"""study_sensitivity: the latent-weight paper's layer analysis on the baseline (each binary
-layer alone loses study.sensitivity_ratio of its channels; validation drop), which the
-`latent` method's allocation reads."""
+"""study_sensitivity: the latent-weight paper's layer analysis on the baseline (each unit alone
+loses study.sensitivity_ratio of its channels; validation drop), which the `latent` method's
+allocation reads. A unit is a binary layer of a chain model (cnn, nin, alexnet), a prunable
+coupled channel group of any other (birealnet: one per stage; a user's model)."""
 
 from bnnprune.cli import run_stage
 from bnnprune.core.files import save_json

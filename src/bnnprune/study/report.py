@@ -21,6 +21,8 @@ PHASES = {"before": "test_acc_before_recovery", "after": "test_acc"}
 COMPARISONS = [
     ("flip", "flip_random", "selection: flip vs random channels, same flip allocation"),
     ("flip", "uniform_random", "the whole flip method vs uniform widths, random channels"),
+    ("flip", "uniform_flip", "allocation: flip rule vs uniform widths, same flip selection"),
+    ("uniform_flip", "uniform_random", "selection: flip vs random channels, uniform widths"),
     ("flip", "latent", "the flip method vs the latent-weight method"),
     ("flip_tail", "flip", "flip counts near convergence (tail) vs the default window"),
     ("flip_tail", "flip_random", "flip method (tail counts) vs random channels"),
@@ -28,7 +30,7 @@ COMPARISONS = [
     ("global_flip", "flip", "global ranking vs the per-layer flip rule"),
     ("flip", "scratch", "fine-tuning the pruned weights vs training the architecture anew"),
 ]
-FLIP_METHODS = ("flip", "flip_tail", "global_flip")
+FLIP_METHODS = ("flip", "flip_tail", "global_flip", "uniform_flip")
 CONTROLS = ("flip_random", "uniform_random", "latent")
 
 
