@@ -22,6 +22,7 @@ from bnnprune.core.ops import count_ops, reduction_pct
 from bnnprune.core.plan import (
     Method,
     PruneError,
+    Scores,
     budget_allocation,
     channel_scores,
     check_round_to,
@@ -90,6 +91,25 @@ def check_flips(counts: dict[str, torch.Tensor], graph: CouplingGraph, needed: b
                              f"weight is {tuple(layers[n].weight.shape)}")
 
 
+def group_p(graph: CouplingGraph, counts: dict[str, torch.Tensor], tau: float
+            ) -> dict[str, float]:
+    """p per prunable group, over every binary weight that writes it (exact); {} without
+    counts."""
+    if not counts:
+        return {}
+    return {g: insensitive_fraction([graph.group_tensors(g, counts)], tau)
+            for g in graph.widths()}
+
+
+def group_scores(graph: CouplingGraph, selection: str, counts: dict[str, torch.Tensor],
+                 tau: float, generator: torch.Generator) -> dict[str, Scores]:
+    """Channel scores per prunable group, over the group's binary weights (and counts) stacked
+    side by side."""
+    return {g: channel_scores(selection, graph.weights(g),
+                              graph.group_tensors(g, counts) if counts else None, tau, generator)
+            for g in graph.widths()}
+
+
 def plan(graph: CouplingGraph, counts: dict[str, torch.Tensor], method: Method,
          target_bop_reduction: float | None, tau: float, round_to: int, min_channels: int,
          seed: int, sensitivity: dict[str, float] | None = None,
@@ -100,11 +120,9 @@ def plan(graph: CouplingGraph, counts: dict[str, torch.Tensor], method: Method,
         raise PruneError("no prunable group: every binary layer's channels reach the model's "
                          "output layer")
     check_round_to(full, round_to)
-    stacked = {g: graph.group_tensors(g, counts) for g in full} if counts else {}
-    p = {g: insensitive_fraction([c], tau) for g, c in stacked.items()}  # exact
-    generator = torch.Generator().manual_seed(seed)
-    scores = {g: channel_scores(method.selection, graph.weights(g), stacked.get(g), tau,
-                                generator) for g in full}
+    p = group_p(graph, counts, tau)
+    scores = group_scores(graph, method.selection, counts, tau,
+                          torch.Generator().manual_seed(seed))
     if widths is not None:
         unknown = set(widths) - set(full)
         if unknown:

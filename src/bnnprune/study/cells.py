@@ -46,11 +46,10 @@ from bnnprune.core.plan import (
     METHODS,
     Method,
     Scores,
-    insensitive_fraction,
     round_keep,
     sensitivity_fractions,
 )
-from bnnprune.core.prune import prune
+from bnnprune.core.prune import group_p, group_scores, prune
 from bnnprune.engines.packed import PackedModel
 from bnnprune.models import build_model
 from bnnprune.models.chain import BNN
@@ -192,14 +191,10 @@ class GroupUnits:
 
     def scores(self, selection: str, counts: dict[str, torch.Tensor], tau: float,
                generator: torch.Generator) -> dict[str, Scores]:
-        """Over each group's binary weights (and counts) stacked side by side, as `prune`."""
-        return {g: channel_scores(selection, self.graph.weights(g),
-                                  self.graph.group_tensors(g, counts) if counts else None, tau,
-                                  generator) for g in self.widths()}
+        return group_scores(self.graph, selection, counts, tau, generator)
 
     def p(self, counts: dict[str, torch.Tensor], tau: float) -> dict[str, float]:
-        return {g: insensitive_fraction([self.graph.group_tensors(g, counts)], tau)
-                for g in self.widths()}
+        return group_p(self.graph, counts, tau)
 
     def keep(self, kept: dict[str, list[int]]) -> nn.Module:
         model = copy.deepcopy(self.model)
