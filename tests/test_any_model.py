@@ -66,3 +66,11 @@ def test_a_user_model_with_bad_settings_gets_clear_errors():
         parse_params({"model": {"arch": "resnet"}})
     with pytest.raises(ConfigError, match="model.binary: 'MyConv' is not allowed"):
         parse_params({"model": {"arch": USER, "binary": ["MyConv"]}})
+
+
+def test_validate_refuses_scratch_for_a_user_model():
+    for study in ({"methods": ["flip", "scratch"]}, {"scratch_budgets": [0.5]}):
+        with pytest.raises(ConfigError, match=r"'scratch' on model.arch 'usermodels.tiny_bireal:"
+                                              r"build'.*allowed: scratch on the built-in"):
+            parse_params({"model": {"arch": USER}, "study": study})
+    parse_params({"model": {"arch": "birealnet"}, "study": {"scratch_budgets": [0.5]}})

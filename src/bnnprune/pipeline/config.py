@@ -246,6 +246,13 @@ def _build(prefix: str, raw: Any, cls: type) -> Any:
 BUILTIN_ARCHS = ("cnn", "nin", "alexnet", "birealnet")
 
 
+def scratch_error(arch: str) -> ConfigError:
+    return ConfigError(f"study method 'scratch' on model.arch {arch!r}: a user's model cannot "
+                       f"be rebuilt at its pruned widths (its factory builds the full model); "
+                       f"allowed: scratch on the built-in archs ({', '.join(BUILTIN_ARCHS)}), "
+                       f"or no 'scratch' in study.methods and an empty study.scratch_budgets")
+
+
 def _is_factory(spec: str) -> bool:
     module, _, name = spec.partition(":")
     return bool(module) and name.isidentifier() and all(
@@ -263,6 +270,8 @@ def parse_params(raw: dict | None) -> Params:
         if not _is_factory(spec):
             raise ConfigError(f"model.binary: {spec!r} is not allowed; allowed: "
                               f"'package.module:ClassName'")
+    if _is_factory(arch) and ("scratch" in params.study.methods or params.study.scratch_budgets):
+        raise scratch_error(arch)
     if (params.model.kwargs or params.model.binary) and not _is_factory(arch):
         raise ConfigError(f"model.kwargs / model.binary with model.arch {arch!r}; allowed: only "
                           f"with a 'package.module:factory' arch")

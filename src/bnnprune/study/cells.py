@@ -54,7 +54,7 @@ from bnnprune.engines.packed import PackedModel
 from bnnprune.models import build_model
 from bnnprune.models.chain import BNN
 from bnnprune.models.registry import is_user_arch
-from bnnprune.pipeline.config import ConfigError, PruneConfig, StudyConfig, TrainConfig
+from bnnprune.pipeline.config import PruneConfig, StudyConfig, TrainConfig, scratch_error
 from bnnprune.pipeline.data import Split, normalize
 from bnnprune.pipeline.pruning import (
     binary_blocks,
@@ -229,11 +229,7 @@ def check_scratch(model: nn.Module) -> None:
     """`scratch` rebuilds the pruned architecture from its config: a user's model cannot."""
     arch = model.config["arch"]
     if is_user_arch(arch):
-        raise ConfigError(f"study method 'scratch' on model.arch {arch!r}: a user's model cannot "
-                          f"be rebuilt at its pruned widths (its factory builds the full model); "
-                          f"allowed: scratch on the built-in archs (cnn, nin, alexnet, "
-                          f"birealnet), or no 'scratch' in study.methods and an empty "
-                          f"study.scratch_budgets")
+        raise scratch_error(arch)
 
 
 # ---- recovery --------------------------------------------------------------------------------
