@@ -335,3 +335,108 @@ def test_onnx_is_byte_identical_from_checkouts_in_different_folders(tmp_path):
     assert hashlib.sha256(a).hexdigest() == hashlib.sha256(b).hexdigest()
     for folder in (tmp_path, REPO, Path(sys.prefix)):
         assert str(folder).encode() not in a, folder
+
+
+USER_ARCH = "usermodels.tiny_bireal:build"
+
+
+def any_model(arch: str, channels: list[int] | None = None) -> torch.nn.Module:
+    """A tiny birealnet or user's residual model (tests/usermodels) in eval mode with random
+    BatchNorm statistics."""
+    from conftest import tiny_bnn
+
+    if arch == "birealnet":
+        return tiny_bnn("birealnet", CARD["shape"], 0.25, channels)
+    config = model_config(USER_ARCH, 1.0, CARD["shape"], CARD["num_classes"], {"width": 12},
+                          ["usermodels.tiny_bireal:MyBinaryConv"])
+    model = build_model(config, seed=0)
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+    return model.eval()
+
+
+@pytest.fixture
+def usermodels(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "tests"))
+
+
+def test_folded_birealnet_scales_its_constants_and_gives_the_same_outputs():
+    """Every ScaledBinaryConv2d, wherever it sits, becomes a FoldedBinaryConv2d whose constants
+    carry the scale mean|W|: the same outputs up to float32 rounding."""
+    from bnnprune.core.binary import BinaryConv2d, ScaledBinaryConv2d
+
+    model = any_model("birealnet", [5, 13, 3])
+    folded = export.fold_binary_layers(model)
+    assert not any(isinstance(m, BinaryConv2d) for m in folded.modules())
+    x = torch.randn(6, 5, 14, 14)
+    x[0, 0, :3, :3] = 0.0  # sign(0) = +1
+    with torch.no_grad():
+        layer, flayer = model.blocks[1].conv, folded.blocks[1].conv
+        assert isinstance(layer, ScaledBinaryConv2d)
+        assert isinstance(flayer, export.FoldedBinaryConv2d)
+        torch.testing.assert_close(flayer(x), layer(x))
+        images = torch.randn(8, *CARD["shape"])
+        torch.testing.assert_close(folded(images), model(images), atol=1e-4, rtol=1e-5)
+    assert isinstance(model.blocks[1].conv, ScaledBinaryConv2d)  # the original is left alone
+
+
+def test_a_users_binary_class_is_left_unfolded(usermodels):
+    model = any_model("user")
+    folded = export.fold_binary_layers(model)
+    assert type(folded.body[0].conv).__name__ == "MyBinaryConv"
+    x = torch.randn(4, *CARD["shape"])
+    with torch.no_grad():
+        assert torch.equal(folded(x), model(x))
+
+
+@pytest.mark.parametrize("arch, exporter", [("birealnet", "folded"), ("birealnet", "dynamo"),
+                                            ("user", "folded"), ("user", "legacy")])
+def test_any_model_exports_with_parity_and_named_convs(arch, exporter, tmp_path, test_split,
+                                                       usermodels):
+    """birealnet (folded: scale in the constants, no Pad / Where) and a user's model (its own
+    binary class exported as it is) pass parity; onnxruntime's convolutions are reported per
+    count_ops row, shortcuts included, whatever order onnxruntime puts them in."""
+    from bnnprune.core.ops import count_ops
+
+    model = any_model(arch, [5, 13, 3] if arch == "birealnet" else None)
+    path = export.export_onnx(model, CARD, tmp_path / "m.onnx", ExportConfig(exporter=exporter))
+    p = export.parity(model, export.session(path), test_split, CARD, 1e-4, 0.25)
+    assert p["passed"] and p["prediction_mismatches"] == 0, p
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert ("Where" in ops) == (exporter != "folded" or arch == "user")
+    e = export.executed_convs(path, model, threads=1)
+    rows = [r for r in count_ops(model).layers if r["kind"] == "conv"]
+    assert list(e["layers"]) == [r["name"] for r in rows]
+    for r in rows:
+        layer = e["layers"][r["name"]]
+        assert layer["channels"] == [r["in_channels"], r["out_channels"]]
+        cin, cout = layer["executed_channels"]
+        assert r["in_channels"] <= cin and r["out_channels"] <= cout < r["out_channels"] + 16
+    shortcut = "blocks.2.shortcut.1" if arch == "birealnet" else "body.1.short.1"
+    assert shortcut in e["layers"]
+
+
+def test_convs_are_matched_by_kernel_and_channels_not_graph_order():
+    """onnxruntime may put a shortcut's 1x1 conv before its block's 3x3 conv: each count_ops
+    row takes the conv of its own kernel, stride and (padded) channels."""
+    from bnnprune.core.ops import count_ops
+
+    model = any_model("birealnet", [5, 13, 3])
+    rows = [r for r in count_ops(model).layers if r["kind"] == "conv"]
+    pad = {5: 8, 13: 16, 3: 8, 1: 1}
+    convs = []
+    for r in rows:
+        module = model.get_submodule(r["name"])
+        out_ch, in_ch, kh, kw = module.weight.shape
+        convs.append({"domain": "com.microsoft.nchwc", "shape": [pad[out_ch], in_ch, kh, kw],
+                      "group": 1, "strides": tuple(module.stride), "row": r["name"]})
+    matched = export._match_convs(model, rows, convs[::-1], "m.onnx")
+    signature = {c["row"]: (c["shape"], c["strides"]) for c in convs}
+    # convs of one signature are interchangeable (blocks.0 and blocks.1 here)
+    assert [signature[c["row"]] for c in matched] == [signature[r["name"]] for r in rows]
+    assert matched[4]["row"] == "blocks.2.shortcut.1" and matched[3]["row"] == "blocks.2.conv"
+    with pytest.raises(export.ExportError, match="no convolution left for layer 'blocks.5.conv'"):
+        export._match_convs(model, rows, convs[:-1], "m.onnx")

@@ -13,7 +13,11 @@ standard ops, so plain onnxruntime runs it. Exporters (`export.exporter`):
           Conv with constant weights -2 sign(W) and bias sum(sign(W)) and its own zero padding.
           No Pad and no Where pass over the activations (measured ~20% faster at batch 64 and
           256 than dynamo, the same predictions; every value is an integer below 2**24, so the
-          float32 sums are exact whatever their order).
+          float32 sums are exact whatever their order). A `ScaledBinaryConv2d` (birealnet) has
+          its per-output-channel scale mean|W| folded into those constants (the sums are then
+          exact up to float32 rounding). Every project binary layer of the model is folded,
+          wherever it sits (`named_modules`); a user's own binary class is exported as it is
+          (its forward through dynamo), so parity is checked the same way.
 Every conv then runs on onnxruntime's NCHWc path (channels in blocks of 8 with AVX2, 16 with
 AVX-512); channel counts that are not multiples of the block are padded up to it.
 """
@@ -38,11 +42,16 @@ import torch.nn.functional as F
 from google.protobuf.message import Message
 from torch import nn
 
-from bnnprune.core.binary import BinaryConv2d, BinaryLinear, binarize, binary_layers
+from bnnprune.core.binary import (
+    BinaryConv2d,
+    BinaryLinear,
+    ScaledBinaryConv2d,
+    binarize,
+    binary_layers,
+)
 from bnnprune.core.files import write_atomic
 from bnnprune.core.ops import count_ops
 from bnnprune.engines.timing import time_interleaved
-from bnnprune.models.chain import BNN
 from bnnprune.pipeline.benchmark import batch_key, batch_size_of
 from bnnprune.pipeline.config import ExportConfig
 from bnnprune.pipeline.data import Split
@@ -56,28 +65,40 @@ class ExportError(ValueError):
 
 
 class ClientModel(nn.Module):
-    """images (N, C, H, W) float32 in [0, 1] -> logits (N, classes), normalisation inside."""
+    """images (N, C, H, W) float32 in [0, 1] -> logits (N, classes), normalisation inside.
 
-    def __init__(self, model: BNN, mean: list[float], std: list[float]):
+    The normalisation buffers are `input_mean` / `input_std`, not `mean` / `std`: the dynamo
+    exporter's constant folding names a folded tensor after its op (`mean` of a weight, as
+    `ScaledBinaryConv2d` computes) and failed on the clash with a top-level initializer."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("input_mean",
+                             torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("input_std",
+                             torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model((images - self.mean) / self.std)
+        return self.model((images - self.input_mean) / self.input_std)
 
 
 class FoldedBinaryConv2d(nn.Module):
     """A `BinaryConv2d` for export: conv(sign(x) padded with +1, sign(W)) computed as
     bias - conv(L, 2 sign(W)) with L = [x < 0] zero-padded (the +1 padding is L = 0) and
-    bias = sum of sign(W) over (Cin, kh, kw). Integer-valued, so exactly the same outputs."""
+    bias = sum of sign(W) over (Cin, kh, kw). Integer-valued, so exactly the same outputs.
+    A `ScaledBinaryConv2d`'s output scale s (per output channel) multiplies both constants:
+    s * (bias - conv(L, 2 sign(W))) = s * bias - conv(L, 2 s sign(W))."""
 
     def __init__(self, layer: BinaryConv2d):
         super().__init__()
         w = binarize(layer.weight.detach())  # (Cout, Cin, kh, kw) ±1
-        self.register_buffer("weight", -2 * w)
-        self.register_buffer("bias", w.sum(dim=(1, 2, 3)))
+        weight, bias = -2 * w, w.sum(dim=(1, 2, 3))
+        if isinstance(layer, ScaledBinaryConv2d):  # its forward's scale: mean |W| per channel
+            scale = layer.weight.detach().abs().mean(dim=(1, 2, 3))  # (Cout,)
+            weight, bias = weight * scale.view(-1, 1, 1, 1), bias * scale
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
         self.stride, self.pad = layer.stride, layer.pad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,14 +118,16 @@ class FoldedBinaryLinear(nn.Module):
         return F.linear((x < 0).to(x.dtype), self.weight, self.bias)
 
 
-def fold_binary_layers(model: BNN) -> BNN:
-    """A copy of `model` whose binary layers are `FoldedBinaryConv2d` / `FoldedBinaryLinear`."""
+def fold_binary_layers(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose project binary layers (`BinaryConv2d` and its subclasses,
+    `BinaryLinear`), wherever they sit, are `FoldedBinaryConv2d` / `FoldedBinaryLinear`; other
+    modules, a user's own binary classes among them, are left as they are."""
     model = copy.deepcopy(model).eval()
-    for block in model.blocks:
-        if isinstance(block.layer, BinaryConv2d):
-            block.layer = FoldedBinaryConv2d(block.layer)
-        elif isinstance(block.layer, BinaryLinear):
-            block.layer = FoldedBinaryLinear(block.layer)
+    folds = {name: FoldedBinaryConv2d(m) if isinstance(m, BinaryConv2d) else FoldedBinaryLinear(m)
+             for name, m in model.named_modules() if isinstance(m, BinaryConv2d | BinaryLinear)}
+    for name, folded in folds.items():
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, folded)
     return model
 
 
@@ -113,7 +136,7 @@ def pixels(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 255
 
 
-def client_model(model: BNN, card: dict) -> ClientModel:
+def client_model(model: nn.Module, card: dict) -> ClientModel:
     return ClientModel(model, card["mean"], card["std"]).eval()
 
 
@@ -136,7 +159,7 @@ def strip_build_details(proto: Message) -> None:
                 strip_build_details(item)
 
 
-def export_onnx(model: BNN, card: dict, path: str | Path, cfg: ExportConfig) -> Path:
+def export_onnx(model: nn.Module, card: dict, path: str | Path, cfg: ExportConfig) -> Path:
     """Write `model` as a client ONNX file at `path` (atomically) and verify its contract. The
     file holds no build details (strip_build_details): the same weights, the same bytes."""
     client = client_model(fold_binary_layers(model) if cfg.exporter == "folded" else model,
@@ -247,33 +270,84 @@ def session(path: str | Path, threads: int = 0, spinning: bool = True,
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def executed_convs(path: str | Path, model: BNN, threads: int = 0) -> dict[str, Any]:
+def _ort_convs(graph: onnx.GraphProto) -> list[dict[str, Any]]:
+    """The Conv nodes of an onnxruntime-optimised graph whose weight is a constant: domain,
+    weight shape (out, in per group, kh, kw), group and strides."""
+    shapes = {init.name: list(init.dims) for init in graph.initializer}
+    convs = []
+    for n in graph.node:
+        if n.op_type == "Conv" and n.input[1] in shapes:
+            attrs = {a.name: a for a in n.attribute}
+            convs.append({"domain": n.domain, "shape": shapes[n.input[1]],
+                          "group": attrs["group"].i if "group" in attrs else 1,
+                          "strides": tuple(attrs["strides"].ints) if "strides" in attrs
+                          else None})
+    return convs
+
+
+def _pair(v: Any) -> tuple[int, int] | None:
+    """A module's stride as (sh, sw); None when it has none the graph can be compared with."""
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, tuple | list) and len(v) == 2 and all(isinstance(x, int) for x in v):
+        return (int(v[0]), int(v[1]))
+    return None
+
+
+def _match_convs(model: nn.Module, rows: list[dict[str, Any]], convs: list[dict[str, Any]],
+                 path: str | Path) -> list[dict[str, Any]]:
+    """The onnxruntime conv that runs each conv row of `count_ops`. The graph's order is not
+    the forward order (onnxruntime sorts parallel branches, a shortcut and its block's conv,
+    as it likes), so each row takes the conv with its kernel, stride and grouping whose padded
+    channel counts are the closest at or above its own (first in graph order on a tie)."""
+    left = list(convs)
+    matched = []
+    for r in rows:
+        module = model.get_submodule(r["name"])
+        out_ch, in_per_group, *kernel = module.weight.shape
+        grouped = getattr(module, "groups", 1) != 1
+        stride = _pair(getattr(module, "stride", None))
+        fits = [c for c in left if c["shape"][2:] == kernel and (c["group"] != 1) == grouped
+                and (stride is None or c["strides"] in (None, stride))
+                and c["shape"][0] >= out_ch and c["shape"][1] >= in_per_group]
+        if not fits:
+            raise ExportError(
+                f"{path}: onnxruntime's graph has no convolution left for layer {r['name']!r} "
+                f"({r['in_channels']} -> {out_ch} channels, kernel {kernel}); its "
+                f"convolutions: {[c['shape'] for c in convs]}")
+        best = min(fits, key=lambda c: c["shape"][0] - out_ch + c["shape"][1] - in_per_group)
+        left.remove(best)
+        matched.append(best)
+    if any(c["group"] == 1 for c in left):
+        raise ExportError(f"{path}: onnxruntime's graph has {len(convs)} convolutions, the "
+                          f"model {len(rows)}")
+    return matched
+
+
+def executed_convs(path: str | Path, model: nn.Module, threads: int = 0) -> dict[str, Any]:
     """How onnxruntime's optimised graph runs the model's convolutions: whether each takes the
     NCHWc fast path (domain com.microsoft.nchwc), the channel counts it pads them to (NCHWc
-    blocks: 8 with AVX2, 16 with AVX-512) and the MACs it then executes, per layer and in all
-    (`count_ops`' MACs scaled by the padded / true weight shape; non-conv layers unchanged)."""
+    blocks: 8 with AVX2, 16 with AVX-512) and the MACs it then executes, per layer (by
+    `count_ops` row name, any model) and in all (`count_ops`' MACs scaled by the padded / true
+    weight shape; non-conv layers unchanged)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
         session(path, threads, optimized_model_filepath=optimized)
         graph = onnx.load(str(optimized)).graph
-    shapes = {init.name: list(init.dims) for init in graph.initializer}
-    convs = [(n.domain, shapes[n.input[1]]) for n in graph.node if n.op_type == "Conv"
-             and all(a.i == 1 for a in n.attribute if a.name == "group")]  # not BN as 1x1
     ops = count_ops(model)
     rows = [r for r in ops.layers if r["kind"] == "conv"]
-    if len(convs) != len(rows):
-        raise ExportError(f"{path}: onnxruntime's graph has {len(convs)} convolutions, the "
-                          f"model {len(rows)}")
     layers, extra = {}, 0
-    for r, (domain, (out_p, in_p, *_)) in zip(rows, convs, strict=True):
+    for r, conv in zip(rows, _match_convs(model, rows, _ort_convs(graph), path), strict=True):
+        out_p, in_p = conv["shape"][:2]  # in: per group
+        out_ch, in_per_group = model.get_submodule(r["name"]).weight.shape[:2]
         macs = r["bops"] + r["flops"]
-        executed = macs * out_p * in_p // (r["out_channels"] * r["in_channels"])
+        executed = macs * out_p * in_p // (out_ch * in_per_group)
         extra += executed - macs
-        layers[r["name"]] = {"nchwc": domain == "com.microsoft.nchwc",
+        layers[r["name"]] = {"nchwc": conv["domain"] == "com.microsoft.nchwc",
                              "channels": [r["in_channels"], r["out_channels"]],
-                             "executed_channels": [in_p, out_p], "macs": macs,
+                             "executed_channels": [in_p * conv["group"], out_p], "macs": macs,
                              "executed_macs": executed}
     total = ops.total
     return {"conv_layers": len(rows), "nchwc_layers": sum(v["nchwc"] for v in layers.values()),
@@ -288,7 +362,8 @@ def run_onnx(sess: ort.InferenceSession, images: torch.Tensor,
 
 
 @torch.no_grad()
-def run_torch(model: BNN, card: dict, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
+def run_torch(model: nn.Module, card: dict, images: torch.Tensor,
+              batch_size: int = 500) -> np.ndarray:
     """uint8 images (N, C, H, W) -> logits (N, classes) from torch, through the client wrapper."""
     client = client_model(model, card)
     return torch.cat([client(pixels(images[i:i + batch_size]))
@@ -296,7 +371,7 @@ def run_torch(model: BNN, card: dict, images: torch.Tensor, batch_size: int = 50
 
 
 @torch.no_grad()
-def near_threshold(model: BNN, card: dict, images: torch.Tensor, eps: float = 1e-5,
+def near_threshold(model: nn.Module, card: dict, images: torch.Tensor, eps: float = 1e-5,
                    batch_size: int = 500) -> np.ndarray:
     """Per image: does any binary layer see an input within `eps` of its sign threshold (0)?
     There float32 rounding order (torch vs onnxruntime kernels) decides the sign, so a logit
@@ -318,7 +393,7 @@ def near_threshold(model: BNN, card: dict, images: torch.Tensor, eps: float = 1e
     return found.numpy()
 
 
-def parity(model: BNN, sess: ort.InferenceSession, split: Split, card: dict,
+def parity(model: nn.Module, sess: ort.InferenceSession, split: Split, card: dict,
            tolerance: float, max_outlier_fraction: float = 0.0) -> dict[str, Any]:
     """onnxruntime vs torch on a whole split. Passes when every image's prediction is identical
     and its logits are within `tolerance`, except on at most `max_outlier_fraction` of the
@@ -365,7 +440,7 @@ def latency(sessions: dict[str, ort.InferenceSession], images: torch.Tensor,
     return out
 
 
-def export_and_check(models: dict[str, tuple[BNN, str | Path]], test: Split, card: dict,
+def export_and_check(models: dict[str, tuple[nn.Module, str | Path]], test: Split, card: dict,
                      cfg: ExportConfig) -> dict[str, Any]:
     """Export every named model, check parity on `test` and time all of them side by side.
 
