@@ -7,6 +7,8 @@ import torch
 from bnnprune.models import build_model, model_config
 from bnnprune.pipeline import benchmark, tracking
 
+from conftest import REPO
+
 
 def tiny(channels):
     cfg = {**model_config("cnn", 0.25, [1, 28, 28], 10), "channels": channels}
@@ -253,3 +255,67 @@ def test_engine_layer_clock_sums_to_the_call():
     assert torch.equal(got, engine(x))  # the clock changes nothing
     assert list(times) == [f"blocks.{i}.layer" for i in range(6)] + ["classifier"]
     assert all(v > 0 for v in times.values())
+
+
+def not_built(*args, **kwargs):
+    raise AssertionError("an engine was built for a model it cannot run")
+
+
+@pytest.fixture(scope="module")
+def bireal_result():
+    """Two birealnets, as if a GPU were there (no backend skipped for the machine): neither
+    engine, nor the peak kernel that only the packed engine's layer table uses, is built."""
+    from bnnprune.engines import triton_engine
+
+    def bireal(width):
+        return build_model(model_config("birealnet", width, [1, 28, 28], 10), seed=0).eval()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(benchmark, "skipped_backends", lambda: {})
+        for cls in (benchmark.PackedModel, triton_engine.TritonModel):
+            mp.setattr(cls, "from_model", staticmethod(not_built))
+        mp.setattr(benchmark, "PeakXorPopcount", not_built)
+        return benchmark.run_benchmark({"baseline": bireal(0.25), "pruned": bireal(0.125)},
+                                       torch.randn(20, 1, 28, 28), batch_size=8, threads=1,
+                                       warmup=1, repeats=2, batch_sizes=[1, 8])
+
+
+def test_engines_skip_a_model_they_cannot_run_and_torch_is_timed(bireal_result):
+    res = bireal_result
+    why = ("birealnet is not a chain model (blocks.0 is a BiRealBlock); it runs chain BNNs "
+           "(cnn, nin, alexnet) only")
+    assert res["skipped"] == {"packed_cpu": f"packed engine: {why}",
+                              "triton_cuda": f"Triton engine: {why}"}
+    for key, backend in (("cpu", "packed_cpu"), ("triton", "triton_cuda")):
+        assert res["backends"][key] == {"backend": backend, "speedup": None,
+                                        "reason": res["skipped"][backend],
+                                        "unsupported_model": True}
+    for name in ("baseline", "pruned"):
+        m = res["models"][name]
+        assert m["torch_float"]["latency_ms_median"] > 0
+        assert "packed_cpu" not in m and "triton_cuda" not in m
+        assert m["channels"] == (
+            [8, 16, 32] if name == "baseline" else [4, 8, 16])  # birealnet: per stage
+    assert set(res["speedup"]) == {"torch_float"} and res["backends"]["torch"]["speedup"] > 0
+    assert res["ops_ratio"] > 1 and set(res["work_ratio"]) == {"torch_float"}
+    assert list(res["by_batch"]) == ["batch_1", "batch_8"]
+    for rows in res["by_batch"].values():
+        assert set(rows) == {"torch_float"} and rows["torch_float"]["speedup"] > 0
+    assert res["prediction_mismatches"] == {} and res["prediction_mismatches_by_backend"] == {}
+    assert "layers" not in res
+    assert res["bnn_vs_float"] == {"speedup": None, "reason": res["skipped"]["packed_cpu"]}
+    assert [r["backend"] for r in benchmark.latency_rows(res)] == ["torch_float"] * 2
+    flat = benchmark.flat_metrics(res)
+    assert all(tracking.METRIC_NAME.fullmatch(k) for k in flat), flat
+    assert "speedup/torch_float_b1" in flat and not any("packed" in k for k in flat)
+
+
+def test_engine_unsupported_names_the_model_and_the_module(monkeypatch):
+    assert benchmark.engine_unsupported(tiny([8, 8, 16, 16, 32, 32])) is None
+    monkeypatch.syspath_prepend(str(REPO / "tests"))
+    user = build_model(model_config("usermodels.tiny_bireal:build", 1.0, [1, 28, 28], 10,
+                                    {"width": 8}, ["usermodels.tiny_bireal:MyBinaryConv"]))
+    assert benchmark.engine_unsupported(user) == (
+        "usermodels.tiny_bireal:build is not a chain model (a TinyBiReal, not a chain BNN of "
+        "blocks); it runs chain BNNs (cnn, nin, alexnet) only")
+    assert benchmark.model_channels(user) == [8, 16]  # a user's model: its binary layers' widths

@@ -18,6 +18,11 @@ Speedups are latency ratios baseline / pruned (> 1: the pruned model is faster),
 convention; `backends` holds the per-backend view `report.py` and `gate.py` read
 (keys `cpu` = packed_cpu, `torch` = torch_float, `triton` = triton_cuda).
 
+The bit-packed engines (packed_cpu, triton_cuda) run chain BNNs (cnn, nin, alexnet) only. For any
+other model (birealnet, a user's "package.module:factory" model) both are skipped with the reason
+(`skipped`, and `unsupported_model: true` in their `backends` entry) and only torch float is
+timed, at every batch size; no per-layer engine table, no engine prediction checks.
+
 Per layer (`layers`): every timed packed-engine call also clocks each layer (`engine(x, times)`:
 stem, binary blocks with their im2col / pooling / packing, and the head + classifier as
 `classifier`), so the layer times come from the same interleaved rounds as the whole-model
@@ -40,16 +45,19 @@ from typing import Any
 import numba
 import numpy as np
 import torch
+from torch import nn
 
 from bnnprune.core.ops import count_ops
 from bnnprune.engines.bench_kernels import PeakXorPopcount
 from bnnprune.engines.packed import PackedModel
 from bnnprune.engines.timing import time_interleaved
-from bnnprune.models.chain import BNN
+from bnnprune.models import chain
 from bnnprune.pipeline.tracking import layer_segment
 
 BACKENDS = ("torch_float", "packed_cpu", "triton_cuda")
 REPORT_KEYS = {"packed_cpu": "cpu", "torch_float": "torch", "triton_cuda": "triton"}
+ENGINES = {"packed_cpu": "packed engine", "triton_cuda": "Triton engine"}  # chain BNNs only
+BY_BATCH_BACKENDS = ("torch_float", "packed_cpu")
 TRITON_DEVICE = "cuda"
 
 
@@ -101,6 +109,31 @@ def skipped_backends() -> dict[str, str]:
         return {"triton_cuda": "TRITON_INTERPRET=1 was set when the Triton kernels were "
                                "imported; interpreter timings are not speeds"}
     return {}
+
+
+def engine_unsupported(model: nn.Module) -> str | None:
+    """Why the bit-packed engines (`ENGINES`) cannot run `model`, naming the model and the
+    first module they do not know; None for a chain BNN, which they run."""
+    if isinstance(model, chain.BNN):
+        return None
+    config = getattr(model, "config", None)
+    arch = config.get("arch") if isinstance(config, dict) else None
+    blocks = getattr(model, "blocks", None)
+    other = next((f"blocks.{i} is a {type(b).__name__}" for i, b in enumerate(blocks)
+                  if not isinstance(b, chain.Block)), None) \
+        if isinstance(blocks, nn.Sequential | nn.ModuleList) else None
+    return (f"{arch or type(model).__name__} is not a chain model "
+            f"({other or f'a {type(model).__name__}, not a chain BNN of blocks'}); it runs "
+            f"chain BNNs ({', '.join(chain.ARCHS)}) only")
+
+
+def model_channels(model: nn.Module) -> list[int]:
+    """The model's widths: its config's `channels` (chain: per block, birealnet: per stage),
+    else (a user's model) each binary layer's output channels."""
+    config = getattr(model, "config", None)
+    if isinstance(config, dict) and "channels" in config:
+        return list(config["channels"])
+    return [r["out_channels"] for r in count_ops(model).layers if r["binary"]]
 
 
 def predicted_speedup(base_ms: dict[str, float], work_ratio: dict[str, float]) -> float:
@@ -161,7 +194,7 @@ def summarize(ms: list[float], batch_size: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def prediction_mismatches(model: BNN, engine: Callable[[torch.Tensor], torch.Tensor],
+def prediction_mismatches(model: nn.Module, engine: Callable[[torch.Tensor], torch.Tensor],
                           images: torch.Tensor, batch_size: int = 500) -> dict[str, float]:
     """Images whose engine argmax differs from the torch model's, and the max |logit diff|;
     `engine` maps a CPU batch to CPU logits."""
@@ -174,13 +207,15 @@ def prediction_mismatches(model: BNN, engine: Callable[[torch.Tensor], torch.Ten
     return {"images": len(images), "mismatches": mismatches, "max_abs_logit_diff": max_diff}
 
 
-def run_benchmark(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads: int,
-                  warmup: int, repeats: int, check_images: torch.Tensor | None = None,
+def run_benchmark(models: dict[str, nn.Module], images: torch.Tensor, batch_size: int,
+                  threads: int, warmup: int, repeats: int,
+                  check_images: torch.Tensor | None = None,
                   batch_sizes: list[int] | None = None) -> dict[str, Any]:
-    """models: {"baseline": BNN, "pruned": BNN} in eval mode; images: normalised float32
-    (N, C, H, W), the first `batch_size` are timed; `check_images` (default `images`) are run
-    through both torch and the engine to count prediction mismatches; `batch_sizes`: the
-    whole-model latency table (`by_batch`) at these too. Thread counts are restored afterwards."""
+    """models: {"baseline": model, "pruned": model} in eval mode (any model; the engines run
+    chain BNNs only, see `engine_unsupported`); images: normalised float32 (N, C, H, W), the
+    first `batch_size` are timed; `check_images` (default `images`) are run through both torch
+    and each engine that ran to count prediction mismatches; `batch_sizes`: the whole-model
+    latency table (`by_batch`) at these too. Thread counts are restored afterwards."""
     saved = torch.get_num_threads(), numba.get_num_threads()
     try:
         result, engines = _run(models, images, batch_size, threads, warmup, repeats,
@@ -193,19 +228,25 @@ def run_benchmark(models: dict[str, BNN], images: torch.Tensor, batch_size: int,
         numba.set_num_threads(saved[1])
 
 
-def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads: int,
+def _run(models: dict[str, nn.Module], images: torch.Tensor, batch_size: int, threads: int,
          warmup: int, repeats: int,
          check_images: torch.Tensor | None) -> tuple[dict[str, Any], dict[str, PackedModel]]:
-    """The result at `batch_size`, and the packed engines it built (for `by_batch`)."""
+    """The result at `batch_size`, and the packed engines it built (for `by_batch`; none when
+    the packed engine was skipped)."""
     if threads > 0:
         torch.set_num_threads(threads)
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     x = images[:batch_size].contiguous()
     batch = len(x)
     skipped = skipped_backends()
-    engines = {name: PackedModel.from_model(m) for name, m in models.items()}
+    unsupported = next(filter(None, map(engine_unsupported, models.values())), None)
+    model_skips = {b: f"{engine}: {unsupported}" for b, engine in ENGINES.items()
+                   if unsupported and b not in skipped}  # the engine cannot run the model
+    skipped.update(model_skips)
+    packed = "packed_cpu" not in skipped
+    engines = {name: PackedModel.from_model(m) for name, m in models.items()} if packed else {}
 
-    peak = PeakXorPopcount(numba.get_num_threads())
+    peak = PeakXorPopcount(numba.get_num_threads()) if packed else None
     triton_engines: dict[str, Any] = {}
     if "triton_cuda" not in skipped:
         from bnnprune.engines.triton_engine import TritonModel  # imports triton: only with a GPU
@@ -213,20 +254,21 @@ def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads:
         device = torch.device(TRITON_DEVICE)
         x_dev = x.to(device)
         triton_engines = {name: TritonModel.from_model(m, device) for name, m in models.items()}
-    fns: dict[str, Callable[[], Any]] = {"peak_xor_popcount": peak}
-    layer_ms: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+    fns: dict[str, Callable[[], Any]] = {"peak_xor_popcount": peak} if peak else {}
+    layer_ms: dict[str, list[dict[str, float]]] = {name: [] for name in engines}
     for name, m in models.items():
         def run_torch(m=m):
             with torch.no_grad():
                 return m(x)
 
-        def run_packed(e=engines[name], calls=layer_ms[name]):
-            seconds: dict[str, float] = {}
-            out = e(x, seconds)
-            calls.append({layer: 1000 * s for layer, s in seconds.items()})
-            return out
         fns[f"{name}/torch_float"] = run_torch
-        fns[f"{name}/packed_cpu"] = run_packed
+        if name in engines:
+            def run_packed(e=engines[name], calls=layer_ms[name]):
+                seconds: dict[str, float] = {}
+                out = e(x, seconds)
+                calls.append({layer: 1000 * s for layer, s in seconds.items()})
+                return out
+            fns[f"{name}/packed_cpu"] = run_packed
         if name in triton_engines:
             def run_triton(e=triton_engines[name]):
                 out = e(x_dev)
@@ -244,7 +286,7 @@ def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads:
     ops_by_model = {name: count_ops(m).to_dict() for name, m in models.items()}
     for name, m in models.items():
         ops = ops_by_model[name]["total"]
-        per_model[name] = {"channels": list(m.config["channels"]), "ops": ops["ops"],
+        per_model[name] = {"channels": model_channels(m), "ops": ops["ops"],
                            "bops": ops["bops"], "flops": ops["flops"],
                            **{b: summarize(times[f"{name}/{b}"], batch) for b in ran}}
     base, pruned = per_model["baseline"], per_model["pruned"]
@@ -254,17 +296,24 @@ def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads:
     macs = {n: m["bops"] + m["flops"] for n, m in per_model.items()}  # what torch executes
     work_ratio = {b: macs["baseline"] / macs["pruned"] if b == "torch_float" else ops_ratio
                   for b in ran}
-    layers = layer_summary(ops_by_model, {n: calls[warmup:] for n, calls in layer_ms.items()},
-                           batch, times["peak_xor_popcount"], peak.macs)
-    layers["ops_ratio"] = ops_ratio
-    layers["measured_speedup"] = speedup["packed_cpu"]
-    layers["measured_vs_predicted"] = speedup["packed_cpu"] / layers["predicted_speedup"]
-    bnn_vs_float = {name: m["packed_cpu"]["throughput_ips"] / m["torch_float"]["throughput_ips"]
-                    for name, m in per_model.items()}
     checks = check_images if check_images is not None else images
-    mism = {name: prediction_mismatches(models[name], engines[name], checks)
-            for name in models}
-    mism_by_backend = {"packed_cpu": mism}
+    mism_by_backend: dict[str, dict[str, dict[str, float]]] = {}
+    layers: dict[str, Any] | None = None  # the packed engine's per-layer view, when it ran
+    bnn_vs_float: dict[str, Any] = {"speedup": None, "reason": skipped.get("packed_cpu")}
+    if peak is not None:  # the packed engine ran
+        layers = layer_summary(ops_by_model,
+                               {n: calls[warmup:] for n, calls in layer_ms.items()},
+                               batch, times["peak_xor_popcount"], peak.macs)
+        layers["ops_ratio"] = ops_ratio
+        layers["measured_speedup"] = speedup["packed_cpu"]
+        layers["measured_vs_predicted"] = speedup["packed_cpu"] / layers["predicted_speedup"]
+        ratios = {name: m["packed_cpu"]["throughput_ips"] / m["torch_float"]["throughput_ips"]
+                  for name, m in per_model.items()}
+        bnn_vs_float = {**ratios, "speedup": ratios["pruned"],
+                        "packed_ms": med(pruned, "packed_cpu"),
+                        "float_ms": med(pruned, "torch_float")}
+        mism_by_backend["packed_cpu"] = {
+            name: prediction_mismatches(models[name], engines[name], checks) for name in models}
     if triton_engines:
         mism_by_backend["triton_cuda"] = {
             name: prediction_mismatches(models[name],
@@ -273,14 +322,16 @@ def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads:
     backends: dict[str, dict[str, Any]] = {}
     for b in BACKENDS:
         if b in skipped:
-            backends[REPORT_KEYS[b]] = {"backend": b, "speedup": None, "reason": skipped[b]}
+            backends[REPORT_KEYS[b]] = {"backend": b, "speedup": None, "reason": skipped[b],
+                                        **({"unsupported_model": True} if b in model_skips
+                                           else {})}
         else:
             backends[REPORT_KEYS[b]] = {
                 "backend": b, "baseline_ms": med(base, b), "pruned_ms": med(pruned, b),
                 "speedup": speedup[b],  # of the medians; of the minimums (what the gate checks:
                 # the least disturbed by other jobs on a shared machine) below
                 "speedup_of_min_ms": base[b]["latency_ms_min"] / pruned[b]["latency_ms_min"]}
-    return {
+    result = {
         "config": {"batch_size": batch, "threads": threads, "warmup": warmup,
                    "repeats": repeats},
         "machine": machine,
@@ -290,15 +341,15 @@ def _run(models: dict[str, BNN], images: torch.Tensor, batch_size: int, threads:
         "speedup_vs_ops_ratio": {b: s / ops_ratio for b, s in speedup.items()},
         "work_ratio": work_ratio,  # OPs for the binary engines, MACs for torch float
         "speedup_vs_work_ratio": {b: s / work_ratio[b] for b, s in speedup.items()},
-        "bnn_vs_float": {**bnn_vs_float, "speedup": bnn_vs_float["pruned"],
-                         "packed_ms": med(pruned, "packed_cpu"),
-                         "float_ms": med(pruned, "torch_float")},
+        "bnn_vs_float": bnn_vs_float,
         "skipped": skipped,
-        "prediction_mismatches": mism,  # packed_cpu, as before
+        "prediction_mismatches": mism_by_backend.get("packed_cpu", {}),  # packed_cpu, as before
         "prediction_mismatches_by_backend": mism_by_backend,
         "backends": backends,
-        "layers": layers,
-    }, engines
+    }
+    if layers is not None:
+        result["layers"] = layers
+    return result, engines
 
 
 def batch_of(images: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -306,31 +357,33 @@ def batch_of(images: torch.Tensor, batch_size: int) -> torch.Tensor:
     return images.repeat(-(-batch_size // len(images)), 1, 1, 1)[:batch_size].contiguous()
 
 
-def by_batch(models: dict[str, BNN], engines: dict[str, PackedModel], images: torch.Tensor,
-             batch_sizes: list[int], result: dict[str, Any], warmup: int,
+def by_batch(models: dict[str, nn.Module], engines: dict[str, PackedModel],
+             images: torch.Tensor, batch_sizes: list[int], result: dict[str, Any], warmup: int,
              repeats: int) -> dict[str, dict[str, Any]]:
-    """Baseline vs pruned whole-model latency of torch float and the packed engine at each batch
-    size, interleaved per batch size: {"batch_<b>": {backend: row}}, a row holding median and
-    min ms of both models, the speedup of the medians and of the minimums, the work ratio the
-    backend executes (MACs for torch float, OPs for the engine) and the speedup's share of it.
-    The headline batch size reuses `result`'s rounds instead of timing again; `engines`: the
-    packed engines `_run` built for `models`."""
+    """Baseline vs pruned whole-model latency of torch float and the packed engine (when it
+    ran: `engines` is empty when it was skipped) at each batch size, interleaved per batch
+    size: {"batch_<b>": {backend: row}}, a row holding median and min ms of both models, the
+    speedup of the medians and of the minimums, the work ratio the backend executes (MACs for
+    torch float, OPs for the engine) and the speedup's share of it. The headline batch size
+    reuses `result`'s rounds instead of timing again; `engines`: the packed engines `_run`
+    built for `models`."""
+    backends = [b for b in BY_BATCH_BACKENDS if b not in result["skipped"]]
     out: dict[str, dict[str, Any]] = {}
     for bs in batch_sizes:
         if bs == result["config"]["batch_size"]:
-            stats = {f"{n}/{b}": m[b] for n, m in result["models"].items()
-                     for b in ("torch_float", "packed_cpu")}
+            stats = {f"{n}/{b}": m[b] for n, m in result["models"].items() for b in backends}
         else:
             x = batch_of(images, bs)
             fns: dict[str, Callable[[], Any]] = {}
             for name, m in models.items():
                 fns[f"{name}/torch_float"] = lambda m=m, x=x: m(x)
-                fns[f"{name}/packed_cpu"] = lambda e=engines[name], x=x: e(x)
+                if name in engines:
+                    fns[f"{name}/packed_cpu"] = lambda e=engines[name], x=x: e(x)
             with torch.no_grad():
                 times = time_interleaved(fns, warmup, repeats)
             stats = {k: summarize(v, bs) for k, v in times.items()}
         rows = {}
-        for b in ("torch_float", "packed_cpu"):
+        for b in backends:
             base, pruned = stats[f"baseline/{b}"], stats[f"pruned/{b}"]
             speedup = base["latency_ms_median"] / pruned["latency_ms_median"]
             ratio = result["work_ratio"][b]
@@ -364,7 +417,8 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
             if b in m:
                 out[f"{name}/{b}/latency_ms{b_}"] = m[b]["latency_ms_median"]
                 out[f"{name}/{b}/images_per_s{b_}"] = m[b]["throughput_ips"]
-        out[f"{name}/packed_vs_float_speedup{b_}"] = result["bnn_vs_float"][name]
+        if name in result["bnn_vs_float"]:  # the packed engine ran
+            out[f"{name}/packed_vs_float_speedup{b_}"] = result["bnn_vs_float"][name]
         for b, mm in result.get("prediction_mismatches_by_backend",
                                 {"packed_cpu": result["prediction_mismatches"]}).items():
             out[f"{name}/{b}/prediction_mismatches"] = mm[name]["mismatches"]
