@@ -103,3 +103,38 @@ def test_malformed_summary_is_a_clear_error(files, capsys):
 def test_bad_threshold_in_params_is_a_config_error(files, capsys):
     assert check(files, GOOD, {**THRESHOLDS, "min_test_acc": 85}) == 2
     assert "gate.min_test_acc" in capsys.readouterr().err
+
+
+SKIPPED_ENGINE = {**GOOD, "model": {"arch": "birealnet"},
+                  "speedup": {"cpu": None, "triton": None, "torch": 1.2, "onnxruntime": 1.2},
+                  "speedup_of_min_ms": {"cpu": None, "triton": None, "torch": 1.1},
+                  "speedup_unavailable": {"cpu": "packed engine: birealnet is not a chain model",
+                                          "triton": "no CUDA GPU"},
+                  "speedup_skipped": {"cpu": "packed engine: birealnet is not a chain model"}}
+
+
+def test_engine_that_cannot_run_the_model_is_skipped_not_failed(files, capsys):
+    """A birealnet's summary: the packed engine's speedup check has no number; it shows as
+    skipped with the reason, and the other checks decide."""
+    assert check(files, SKIPPED_ENGINE) == 0
+    out = capsys.readouterr().out
+    passed, skipped = out.split("SKIPPED")
+    assert "REGRESSED" not in out and "PASSED (3 of 4)" in passed
+    assert "speedup, packed CPU" not in passed
+    assert "(1 of 4: no measurement, not a failure)" in skipped
+    row = next(line for line in skipped.splitlines() if line.startswith("speedup, packed CPU"))
+    assert row.split()[6:] == ["skipped", ">=", "1.1", "gate.min_speedup_cpu", "(packed",
+                               "engine:", "birealnet", "is", "not", "a", "chain", "model)"]
+    assert "gate: OK (1 skipped)" in out
+    results = gate.evaluate(SKIPPED_ENGINE, GateConfig())
+    assert [(r.passed, r.skipped, r.failed) for r in results][-1] == (False, True, False)
+
+
+def test_a_skipped_engine_does_not_hide_a_real_regression(files, capsys):
+    bad = copy.deepcopy(SKIPPED_ENGINE)
+    bad["reduction"]["bops_pct"] = 5.0
+    assert check(files, bad) == 1
+    out = capsys.readouterr().out
+    regressed, rest = out.split("PASSED")
+    assert "REGRESSED (1 of 4" in regressed and "BOP reduction (%)" in regressed
+    assert "SKIPPED (1 of 4" in rest and "gate: FAILED (1 skipped)" in rest

@@ -282,3 +282,37 @@ def test_report_cli_stage_error_is_one_line(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: data/prepared/card.json: report input not found")
+
+
+SKIPPED_ENGINE = "packed engine: birealnet is not a chain model (blocks.0 is a BiRealBlock)"
+BENCHMARK_NO_ENGINE = {  # as the benchmark writes it for a model the engines cannot run
+    "backends": {
+        "cpu": {"backend": "packed_cpu", "speedup": None, "reason": SKIPPED_ENGINE,
+                "unsupported_model": True},
+        "triton": {"backend": "triton_cuda", "speedup": None, "reason": "no CUDA GPU"},
+        "torch": {"baseline_ms": 30.0, "pruned_ms": 24.0, "speedup": 1.25,
+                  "speedup_of_min_ms": 1.2}},
+    "bnn_vs_float": {"speedup": None, "reason": SKIPPED_ENGINE},
+    "prediction_mismatches": {}, "config": {"batch_size": 64},
+    "by_batch": {"batch_64": {"torch_float": BENCHMARK["by_batch"]["batch_64"]["torch_float"]}},
+}
+
+
+def test_a_skipped_engine_is_reported_skipped_with_its_reason(workspace, summary):
+    """The speed part of a birealnet's report: no engine number, its reason, torch and
+    onnxruntime as measured. A machine-side gap (no GPU) is unavailable, not skipped."""
+    inputs = report.load_inputs(workspace)
+    inputs["benchmark"] = BENCHMARK_NO_ENGINE
+    s = report.build_summary(inputs)
+    assert s["speedup"]["cpu"] is None and s["speedup_of_min_ms"]["cpu"] is None
+    assert s["speedup_skipped"] == {"cpu": SKIPPED_ENGINE}
+    assert s["speedup_unavailable"] == {"cpu": SKIPPED_ENGINE, "triton": "no CUDA GPU"}
+    assert s["speedup"]["torch"] == 1.25 and s["speedup"]["onnxruntime"] > 0
+    assert [r["backend"] for r in s["latency_by_batch"]] == ["torch_float", "onnxruntime",
+                                                             "onnxruntime"]
+    md = report.markdown(s)
+    assert f"| cpu | n/a | n/a | {SKIPPED_ENGINE} |" in md
+    assert f"Packed CPU engine vs torch float32 on the same model: skipped ({SKIPPED_ENGINE})" \
+        in md
+    assert "speedup_cpu_b64" not in report.dvc_metrics(s)
+    assert summary["speedup_skipped"] == {}  # the chain model's engine ran

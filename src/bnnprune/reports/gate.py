@@ -18,11 +18,20 @@ class GateError(ValueError):
 
 @dataclass(frozen=True)
 class Result:
+    """One check's verdict. `skipped`: the summary has no value because the engine the check
+    measures cannot run this model (summary.json `speedup_skipped`, e.g. the packed engine on a
+    birealnet): neither passed nor failed, shown with its reason."""
+
     check: Check
     value: float | None
     threshold: float
     passed: bool
     note: str = ""
+    skipped: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return not (self.passed or self.skipped)
 
 
 def _lookup(summary: dict, key: tuple[str, ...], path: Path) -> Any:
@@ -41,8 +50,12 @@ def evaluate(summary: dict, gate: GateConfig, path: Path = Path("summary.json"))
         value = _lookup(summary, check.key, path)
         threshold = getattr(gate, check.threshold)
         if value is None:
-            reason = (summary.get("speedup_unavailable", {}).get(check.key[-1])
-                      if check.key[0].startswith("speedup") else None)
+            backend = check.key[-1] if check.key[0].startswith("speedup") else None
+            skipped = summary.get("speedup_skipped", {}).get(backend)
+            if skipped:  # the engine cannot run this model: no number to judge, not a failure
+                results.append(Result(check, None, threshold, False, skipped, skipped=True))
+                continue
+            reason = summary.get("speedup_unavailable", {}).get(backend)
             results.append(Result(check, None, threshold, False,
                                   f"not measured{': ' + reason if reason else ''}"))
             continue
@@ -55,7 +68,8 @@ def evaluate(summary: dict, gate: GateConfig, path: Path = Path("summary.json"))
 
 def table(results: list[Result]) -> str:
     rows = [("check", "value", "threshold", "params key")]
-    rows += [(r.check.name, "null" if r.value is None else f"{r.value:.4g}",
+    rows += [(r.check.name, ("skipped" if r.skipped else "null") if r.value is None
+              else f"{r.value:.4g}",
               f"{r.check.op} {r.threshold:g}", f"gate.{r.check.threshold}"
               + (f"  ({r.note})" if r.note else "")) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
@@ -67,7 +81,8 @@ def table(results: list[Result]) -> str:
 
 def run(summary_path: str | Path = "reports/summary.json",
         params_path: str | Path = "params.yaml") -> int:
-    """Print what regressed and what passed; 0 when every check passes, 1 otherwise."""
+    """Print what regressed, what passed and what was skipped (an engine that cannot run this
+    model: no number to judge); 0 when no check failed, 1 otherwise."""
     summary_path = Path(summary_path)
     gate = load_params(params_path).gate
     if not summary_path.is_file():
@@ -79,14 +94,21 @@ def run(summary_path: str | Path = "reports/summary.json",
     if not isinstance(summary, dict):
         raise GateError(f"{summary_path}: expected a JSON object")
     results = evaluate(summary, gate, summary_path)
-    failed = [r for r in results if not r.passed]
+    failed = [r for r in results if r.failed]
     passed = [r for r in results if r.passed]
+    skipped = [r for r in results if r.skipped]
+    sections = []
     if failed:
-        print(f"REGRESSED ({len(failed)} of {len(results)} checks, thresholds from "
-              f"{params_path}):\n{table(failed)}\n")
+        sections.append(f"REGRESSED ({len(failed)} of {len(results)} checks, thresholds from "
+                        f"{params_path}):\n{table(failed)}")
     if passed:
-        print(f"PASSED ({len(passed)} of {len(results)}):\n{table(passed)}")
-    print(f"\ngate: {'FAILED' if failed else 'OK'} ({summary_path})")
+        sections.append(f"PASSED ({len(passed)} of {len(results)}):\n{table(passed)}")
+    if skipped:
+        sections.append(f"SKIPPED ({len(skipped)} of {len(results)}: no measurement, not a "
+                        f"failure):\n{table(skipped)}")
+    sections.append(f"gate: {'FAILED' if failed else 'OK'}"
+                    f"{f' ({len(skipped)} skipped)' if skipped else ''} ({summary_path})")
+    print("\n\n".join(sections))
     if not failed:
         promote_champion(summary, summary_path)
     return 1 if failed else 0

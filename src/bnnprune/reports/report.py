@@ -19,6 +19,7 @@ from bnnprune.core.ops import count_ops, reduction_pct
 from bnnprune.models import load_checkpoint
 from bnnprune.pipeline.benchmark import batch_size_of, layer_table_md
 from bnnprune.reports.plots import plot_all
+from bnnprune.reports.thresholds import CPU_BACKEND
 
 SUMMARY_JSON, SUMMARY_MD = "reports/summary.json", "reports/summary.md"
 METRICS_JSON = "reports/metrics.json"  # the one DVC metrics file: headline_metrics(summary)
@@ -101,10 +102,11 @@ def model_costs(model: nn.Module, test_acc: float) -> dict[str, float]:
 def speedups(benchmark: dict, export: dict) -> dict[str, Any]:
     """One pass over the benchmark's backends and onnxruntime's timings (its largest batch size):
     per backend the speedup pruned vs baseline of the medians (`speedup`, None when it did not
-    run, with the reason in `unavailable`) and of the minimums, the batch size, and the latency
-    rows {backend, baseline_ms, pruned_ms} of the plot."""
+    run, with the reason in `unavailable`, and in `skipped` too when the engine cannot run
+    this model, e.g. the packed engine on a birealnet) and of the minimums, the batch size, and
+    the latency rows {backend, baseline_ms, pruned_ms} of the plot."""
     out: dict[str, Any] = {"speedup": {}, "speedup_of_min_ms": {}, "batch": {},
-                           "unavailable": {}, "rows": []}
+                           "unavailable": {}, "skipped": {}, "rows": []}
     batch = benchmark.get("config", {}).get("batch_size")
     for backend, r in _get(benchmark, "backends", INPUTS["benchmark"][0]).items():
         out["batch"][backend] = batch
@@ -112,6 +114,8 @@ def speedups(benchmark: dict, export: dict) -> dict[str, Any]:
         if r.get("speedup") is None:
             out["speedup"][backend] = None
             out["unavailable"][backend] = r.get("reason") or r.get("skipped") or "did not run"
+            if r.get("unsupported_model"):
+                out["skipped"][backend] = out["unavailable"][backend]
             continue
         out["speedup"][backend] = float(r["speedup"])
         out["rows"].append({"backend": f"{backend} (batch {batch})" if batch else backend,
@@ -130,10 +134,11 @@ def latency_by_batch(benchmark: dict, export: dict) -> list[dict[str, Any]]:
     """The speed table: per backend (torch float, packed engine, onnxruntime) and batch size,
     baseline and pruned ms (median and min), the speedup of the medians and of the minimums,
     the work ratio that backend executes and the speedup's share of it (onnxruntime's speedups
-    as export.json has them). Benchmarks older than `by_batch` give no torch/engine rows."""
-    rows = [{"backend": b, "batch": batch_size_of(batch), "work": work, **r}
+    as export.json has them). Benchmarks older than `by_batch` give no torch/engine rows, and
+    a skipped engine none of its own."""
+    rows = [{"backend": b, "batch": batch_size_of(batch), "work": work, **by[b]}
             for batch, by in benchmark.get("by_batch", {}).items()
-            for b, work in (("torch_float", "MACs"), ("packed_cpu", "OPs")) for r in [by[b]]]
+            for b, work in (("torch_float", "MACs"), ("packed_cpu", "OPs")) if b in by]
     models = _get(export, "models", INPUTS["export"][0])
     base, pruned = models["baseline"], models["pruned"]
     speedup = _get(export, "speedup", INPUTS["export"][0])
@@ -198,6 +203,8 @@ def build_summary(inputs: dict[str, Any], speed: dict[str, Any] | None = None) -
         "speedup_of_min_ms": speed["speedup_of_min_ms"],
         "speedup_batch_size": speed["batch"],
         "speedup_unavailable": speed["unavailable"],
+        # backends whose engine cannot run this model (the gate reports their checks skipped)
+        "speedup_skipped": speed["skipped"],
         "latency_by_batch": latency_by_batch(inputs["benchmark"], inputs["export"]),
         "onnxruntime_convs": onnxruntime_convs(inputs["export"]),
         "bnn_vs_float": bnn_vs_float(inputs["benchmark"]),
@@ -287,9 +294,11 @@ def markdown(s: dict[str, Any], study_md: str = "", layers_md: str = "") -> str:
                      f"speedups as a share of it: {shares}.")
     bf = s["bnn_vs_float"]
     mism = ", ".join(f"{n} {m}" for n, m in bf.get("prediction_mismatches", {}).items())
-    lines += ["", f"Packed CPU engine vs torch float32 on the same model: "
-              f"{_fmt(bf['speedup'], '.2f')}x; predictions differing from torch on the test "
-              f"set: {mism or 'not checked'}."]
+    skipped = s.get("speedup_skipped", {}).get(CPU_BACKEND)
+    lines += ["", "Packed CPU engine vs torch float32 on the same model: "
+              + (f"skipped ({skipped})." if skipped else
+                 f"{_fmt(bf['speedup'], '.2f')}x; predictions differing from torch on the test "
+                 f"set: {mism or 'not checked'}.")]
     if layers_md:
         lines += ["", "## Where the packed engine's time goes", "", layers_md.strip()]
     lines += ["", "## ONNX (onnxruntime vs torch)", ""]
