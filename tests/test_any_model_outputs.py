@@ -1,10 +1,8 @@
-"""A birealnet project through export, benchmark, report and gate as the stage scripts run them,
-on tiny synthetic data: ONNX parity and files, the packed engine skipped with its reason while
-torch float is timed, summary.json / summary.md / plots, and the gate reporting the engine's
-speedup check as skipped while still failing a real regression.
-
-The study's outputs (reports/metrics/study.json, reports/study/summary.md) are written by hand
-here: the report stage needs them, and this test is about the stages after finetune."""
+"""A birealnet project through every stage script (dvc.yaml's commands, the study's cells as its
+matrix runs them) on tiny synthetic data, then the gate: ONNX parity and files, the packed
+engine skipped with its reason while torch float is timed, summary.json / summary.md / plots,
+and the gate reporting the engine's speedup check as skipped while still failing a real
+regression."""
 
 from __future__ import annotations
 
@@ -17,8 +15,13 @@ import yaml
 
 from conftest import copy_project, sh
 
-STUDY = {"setting": "a hand-written study (its stages are not run here)",
-         "verdict": {"wins_over_all_controls": []}}
+STUDY = {"methods": ["flip", "uniform_flip"], "budgets": [0.3], "seeds": [0],
+         "recovery_steps": 2, "batch_size": 32, "channel_samples": 3, "sensitivity_images": 50,
+         "bootstrap": 200}
+STAGES = (["validate"], ["prepare"], ["train"], ["prune"], ["finetune"], ["export"],
+          ["benchmark"], ["study_sensitivity"], ["study_hypothesis"],
+          ["study_cell", "flip", "0.3", "0"], ["study_cell", "uniform_flip", "0.3", "0"],
+          ["study_summary"], ["report"])
 
 
 def run(root: Path, env: dict, *args: str, check: bool = True):
@@ -29,9 +32,9 @@ def run(root: Path, env: dict, *args: str, check: bool = True):
 def project(tmp_path_factory):
     root, env = copy_project(tmp_path_factory.mktemp("bireal") / "repo",
                              model={"arch": "birealnet", "width": 0.5},
-                             prune={"tau": 0, "min_channels": 4, "round_to": 4})
-    for stage in ("validate", "prepare", "train", "prune", "finetune", "export", "benchmark"):
-        run(root, env, f"stages/{stage}.py")
+                             prune={"tau": 0, "min_channels": 4, "round_to": 4}, study=STUDY)
+    for stage, *args in STAGES:
+        run(root, env, f"stages/{stage}.py", *args)
     return root, env
 
 
@@ -71,10 +74,6 @@ def test_benchmark_skips_the_packed_engine_with_its_reason_and_times_torch(proje
 
 def test_report_and_gate_on_a_birealnet(project):
     root, env = project
-    (root / "reports/metrics/study.json").write_text(json.dumps(STUDY))
-    (root / "reports/study").mkdir(parents=True, exist_ok=True)
-    (root / "reports/study/summary.md").write_text("## Findings\n\nnone (hand-written)\n")
-    run(root, env, "stages/report.py")
     summary = json.loads((root / "reports/summary.json").read_text())
     assert summary["model"]["arch"] == "birealnet"
     reason = summary["speedup_skipped"]["cpu"]
@@ -83,7 +82,10 @@ def test_report_and_gate_on_a_birealnet(project):
     assert summary["speedup"]["onnxruntime"] > 0
     assert {r["backend"] for r in summary["latency_by_batch"]} == {"torch_float", "onnxruntime"}
     assert summary["onnx_parity"]["pruned"]["passed"]
+    assert "wins_over_all_controls" in summary["study"]["verdict"]
     md = (root / "reports/summary.md").read_text()
+    assert md.startswith("# bnnprune report: birealnet (width 0.5) on synthetic")
+    assert (root / "reports/study/summary.md").read_text().strip() in md  # the study's findings
     assert f"| cpu | n/a | n/a | {reason} |" in md
     assert "Where the packed engine's time goes" not in md
     for plot in ("flip_ratio", "channels", "latency"):
