@@ -1,44 +1,114 @@
-"""A birealnet project through every stage script (dvc.yaml's commands, the study's cells as its
-matrix runs them) on tiny synthetic data, then the gate: ONNX parity and files, the packed
-engine skipped with its reason while torch float is timed, summary.json / summary.md / plots,
-and the gate reporting the engine's speedup check as skipped while still failing a real
+"""birealnet and a user's own model through the real pipeline: `dvc repro` on tiny synthetic
+data (train with flips, prune by coupled groups, finetune, the study's matrix, export, benchmark,
+report), then the gate: pruned widths, ONNX parity and files, the packed engine skipped with its
+reason while torch float is timed, the study per coupled group, summary.json / summary.md /
+plots, and the gate reporting the engine's speedup check as skipped while still failing a real
 regression."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
-import pytest
+import torch
 import yaml
+
+from bnnprune.models import load_checkpoint
 
 from conftest import copy_project, sh
 
+TESTS = Path(__file__).resolve().parent
 STUDY = {"methods": ["flip", "uniform_flip"], "budgets": [0.3], "seeds": [0],
          "recovery_steps": 2, "batch_size": 32, "channel_samples": 3, "sensitivity_images": 50,
          "bootstrap": 200}
-STAGES = (["validate"], ["prepare"], ["train"], ["prune"], ["finetune"], ["export"],
-          ["benchmark"], ["study_sensitivity"], ["study_hypothesis"],
-          ["study_cell", "flip", "0.3", "0"], ["study_cell", "uniform_flip", "0.3", "0"],
-          ["study_summary"], ["report"])
+PRUNE = {"tau": 0, "min_channels": 4, "round_to": 4}
+GROUPS = ["blocks.0.conv", "blocks.2.conv", "blocks.4.conv"]  # birealnet: one per stage
+USER = {"arch": "usermodels.tiny_bireal:build", "kwargs": {"width": 16},
+        "binary": ["usermodels.tiny_bireal:MyBinaryConv"]}
 
 
 def run(root: Path, env: dict, *args: str, check: bool = True):
     return sh([sys.executable, *args], root, {**env, "PYTHONPATH": "src"}, check=check)
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root, env = copy_project(tmp_path_factory.mktemp("bireal") / "repo",
-                             model={"arch": "birealnet", "width": 0.5},
-                             prune={"tau": 0, "min_channels": 4, "round_to": 4}, study=STUDY)
-    for stage, *args in STAGES:
-        run(root, env, f"stages/{stage}.py", *args)
+def repro(tmp_path_factory, name: str, model: dict) -> tuple[Path, dict]:
+    """A committed copy of the repo with tiny params and `model`, after one `dvc repro`. A
+    user's package goes where the stages import from (`src/`: dvc.yaml's PYTHONPATH)."""
+    root = tmp_path_factory.mktemp(name) / "repo"
+    shutil.copytree(TESTS / "usermodels", root / "src/usermodels")
+    root, env = copy_project(root, model=model, prune=PRUNE, study=STUDY)
+    sh(["dvc", "repro"], root, env)
     return root, env
 
 
-def test_export_passes_parity_and_writes_both_onnx_files(project):
+def load(root: Path, path: str):
+    sys.path.insert(0, str(root / "src"))  # a user's model unpickles from its package
+    try:
+        return load_checkpoint(root / path)[0]
+    finally:
+        sys.path.remove(str(root / "src"))
+
+
+def check_pruned(root: Path) -> None:
+    """prune.json's groups keep multiples of round_to, fewer BOPs, and the fine-tuned model
+    is smaller than the baseline and runs."""
+    prune = json.loads((root / "reports/metrics/prune.json").read_text())
+    assert prune["total"]["bops_after"] < prune["total"]["bops_before"]
+    for group in prune["layers"].values():
+        after = group["channels_after"]
+        assert after % PRUNE["round_to"] == 0 or after == group["channels_before"]
+    pruned, baseline = load(root, "models/finetuned.pt"), load(root, "models/baseline.pt")
+    assert sum(p.numel() for p in pruned.parameters()) < sum(
+        p.numel() for p in baseline.parameters())
+    assert pruned(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def check_prune(project: tuple[Path, dict]) -> None:
+    root, _ = project
+    check_pruned(root)
+    prune = json.loads((root / "reports/metrics/prune.json").read_text())
+    assert list(prune["layers"]) == GROUPS
+
+
+def check_study(project: tuple[Path, dict]) -> None:
+    root, _ = project
+    study = root / "reports/study"
+    layers = json.loads((study / "layer_sensitivity.json").read_text())["layers"]
+    assert list(layers) == GROUPS
+    assert [(r["channels"], r["kept"]) for r in layers.values()] == [(16, 8), (32, 16), (64, 32)]
+    hypothesis = json.loads((study / "hypothesis.json").read_text())
+    assert list(hypothesis["loss_rise"]) == GROUPS
+    assert all(len(s) == 3 for s in hypothesis["loss_rise"].values())
+    assert list(hypothesis["channels"]["flip_window"]) == [*GROUPS, "all layers"]
+    for method in ("flip", "uniform_flip"):
+        cell = json.loads((study / f"cells/{method}-0.3-0.json").read_text())
+        assert cell["bops_reduction_pct"] >= 30
+        assert list(cell["channels"]) == GROUPS
+        assert all(n % 4 == 0 for n in cell["channels"].values())
+        assert cell["engine_mismatches"] is None and cell["engine"].startswith("skipped")
+        assert 0 <= cell["test_acc"] <= 1
+    summary = json.loads((root / "reports/metrics/study.json").read_text())
+    assert set(summary["methods"]) == {"flip", "uniform_flip"}
+    assert {(d["a"], d["b"]) for d in summary["differences"]} == {("flip", "uniform_flip")}
+
+
+def test_a_users_model_runs_the_whole_pipeline(tmp_path_factory):
+    root, env = repro(tmp_path_factory, "user", USER)
+    check_pruned(root)
+    export = json.loads((root / "reports/metrics/export.json").read_text())
+    assert export["parity_passed"]
+    bench = json.loads((root / "reports/metrics/benchmark.json").read_text())
+    assert "is not a chain model" in bench["skipped"]["packed_cpu"]
+    summary = json.loads((root / "reports/summary.json").read_text())
+    assert summary["model"]["arch"] == USER["arch"]
+    cell = json.loads((root / "reports/study/cells/flip-0.3-0.json").read_text())
+    assert cell["bops_reduction_pct"] >= 30 and cell["engine_mismatches"] is None
+    assert sh(["dvc", "status", "--json"], root, env).stdout.strip() == "{}"
+
+
+def check_export(project: tuple[Path, dict]) -> None:
     root, _ = project
     result = json.loads((root / "reports/metrics/export.json").read_text())
     assert result["exporter"] == "folded" and result["parity_passed"]
@@ -52,7 +122,7 @@ def test_export_passes_parity_and_writes_both_onnx_files(project):
     assert result["mac_ratio"] > 1
 
 
-def test_benchmark_skips_the_packed_engine_with_its_reason_and_times_torch(project):
+def check_benchmark(project: tuple[Path, dict]) -> None:
     root, _ = project
     result = json.loads((root / "reports/metrics/benchmark.json").read_text())
     reason = result["skipped"]["packed_cpu"]
@@ -72,7 +142,7 @@ def test_benchmark_skips_the_packed_engine_with_its_reason_and_times_torch(proje
     assert "layers" not in result and result["bnn_vs_float"]["speedup"] is None
 
 
-def test_report_and_gate_on_a_birealnet(project):
+def check_report_and_gate(project: tuple[Path, dict]) -> None:
     root, env = project
     summary = json.loads((root / "reports/summary.json").read_text())
     assert summary["model"]["arch"] == "birealnet"
@@ -107,3 +177,14 @@ def test_report_and_gate_on_a_birealnet(project):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASSED (3 of 4)" in proc.stdout and "SKIPPED (1 of 4" in proc.stdout
     assert "gate: OK (1 skipped)" in proc.stdout
+
+
+def test_birealnet_runs_the_whole_pipeline(tmp_path_factory):
+    """One `dvc repro` (a session's worth of set-up: checked in one test, so that one worker
+    builds it), then every output."""
+    project = repro(tmp_path_factory, "bireal", {"arch": "birealnet", "width": 0.5})
+    check_prune(project)
+    check_study(project)
+    check_export(project)
+    check_benchmark(project)
+    check_report_and_gate(project)
