@@ -53,9 +53,12 @@ class BinaryConv2d(nn.Conv2d):
 class ScaledBinaryConv2d(BinaryConv2d):
     """Bi-Real / XNOR-Net style: sign(w) scaled per output channel by the detached mean |w|."""
 
+    def output_scale(self) -> torch.Tensor:
+        """The detached mean |w| per output channel: (C_out,)."""
+        return self.weight.detach().abs().mean(dim=(1, 2, 3))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.weight.detach().abs().mean(dim=(1, 2, 3))  # (C_out,)
-        return super().forward(x) * scale.view(1, -1, 1, 1)
+        return super().forward(x) * self.output_scale().view(1, -1, 1, 1)
 
 
 class BinaryLinear(nn.Linear):

@@ -95,7 +95,7 @@ class FoldedBinaryConv2d(nn.Module):
         w = binarize(layer.weight.detach())  # (Cout, Cin, kh, kw) ±1
         weight, bias = -2 * w, w.sum(dim=(1, 2, 3))
         if isinstance(layer, ScaledBinaryConv2d):  # its forward's scale: mean |W| per channel
-            scale = layer.weight.detach().abs().mean(dim=(1, 2, 3))  # (Cout,)
+            scale = layer.output_scale()  # (Cout,)
             weight, bias = weight * scale.view(-1, 1, 1, 1), bias * scale
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
