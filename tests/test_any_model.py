@@ -11,6 +11,8 @@ import pytest
 from bnnprune.models import ModelError, build_model, model_config
 from bnnprune.pipeline.config import ConfigError, parse_params
 
+from conftest import copy_project, sh
+
 USER = "usermodels.tiny_bireal:build"
 TESTS = Path(__file__).resolve().parent
 
@@ -38,3 +40,16 @@ def test_validate_refuses_scratch_for_a_user_model():
                                               r"build'.*allowed: scratch on the built-in"):
             parse_params({"model": {"arch": USER}, "study": study})
     parse_params({"model": {"arch": "birealnet"}, "study": {"scratch_budgets": [0.5]}})
+
+
+def test_a_bad_user_model_stops_validate_with_one_clear_line(tmp_path):
+    root, env = copy_project(tmp_path / "repo", model={"arch": "nosuchpkg.mod:build"})
+    proc = sh([sys.executable, "stages/validate.py"], root, {**env, "PYTHONPATH": "src"},
+              check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: model.arch: 'nosuchpkg.mod:build': module 'nosuchpkg.mod' cannot be imported "
+        "(ModuleNotFoundError: No module named 'nosuchpkg'); allowed: a package the stages "
+        "import: under src/ (dvc.yaml runs them with PYTHONPATH=src) or installed in the "
+        "environment")
+    assert "Traceback" not in proc.stderr

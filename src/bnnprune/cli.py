@@ -6,8 +6,9 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from bnnprune.core.binary import BinaryLayerError
 from bnnprune.core.flips import FlipsError
-from bnnprune.models import CheckpointError
+from bnnprune.models import CheckpointError, ModelError
 from bnnprune.pipeline.config import ConfigError
 from bnnprune.pipeline.data import DataError
 from bnnprune.pipeline.export import ExportError
@@ -19,7 +20,7 @@ from bnnprune.reports.report import ReportError
 
 USER_ERRORS = (ConfigError, DataError, FlipsError, CheckpointError, PruneError, TrackingError,
                TrainingError)
-USER_ERRORS += (ExportError, GateError, ReportError)
+USER_ERRORS += (ExportError, GateError, ReportError, ModelError, BinaryLayerError)
 
 
 def run_stage(main: Callable[[], object]) -> None:

@@ -53,8 +53,9 @@ def import_object(spec: str, what: str) -> Any:
         module = importlib.import_module(module_name)
     except Exception as e:
         raise ModelError(f"{what}: {spec!r}: module {module_name!r} cannot be imported "
-                         f"({type(e).__name__}: {e}); allowed: a module on the Python path "
-                         f"(PYTHONPATH)") from e
+                         f"({type(e).__name__}: {e}); allowed: a package the stages import: "
+                         f"under src/ (dvc.yaml runs them with PYTHONPATH=src) or installed "
+                         f"in the environment") from e
     try:
         return getattr(module, attr)
     except AttributeError as e:
