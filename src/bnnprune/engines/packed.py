@@ -49,6 +49,7 @@ from torch import nn
 from bnnprune.core.binary import BinaryConv2d, BinaryLinear
 from bnnprune.engines.kernels import cpu
 from bnnprune.engines.kernels.pack import n_words
+from bnnprune.engines.residual import PackedResidual
 from bnnprune.models.chain import BNN
 
 
@@ -196,9 +197,14 @@ class PackedModel:
 
     @classmethod
     @torch.no_grad()
-    def from_model(cls, model: BNN, fuse: bool = True) -> PackedModel:
+    def from_model(cls, model: nn.Module, fuse: bool = True) -> PackedModel | PackedResidual:
+        """The engine for `model` (eval mode): a chain `BNN` here, any other model as a residual
+        BNN (`residual.PackedResidual`), which raises `residual.EngineUnsupported` naming the
+        module and op it cannot run."""
         if model.training:
             raise ValueError("PackedModel.from_model: put the model in eval mode first")
+        if not isinstance(model, BNN):
+            return PackedResidual.from_model(model)
         blocks = list(model.blocks)
         steps: list[_Step] = []
         for block in blocks:

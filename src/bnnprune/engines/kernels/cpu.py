@@ -718,3 +718,92 @@ def classify(acc: np.ndarray, pool_k: int, pool_s: int, pool_p: int, alpha: Arra
     vecs = [np.ascontiguousarray(as_numpy(v), np.float32) for v in (alpha, beta, bias)]
     out = _buffer(out, (b, wn.shape[0]), np.float32)
     return _classify(a, pool_k, pool_s, pool_p, vecs[0], vecs[1], gap, wn, vecs[2], out)
+
+
+# ---------------------------------------------------------------------------- residual blocks
+# The float stream between the blocks of a residual BNN (channels-last rows), and the packed
+# signs the next binary conv reads, written in one pass from the block's integer conv outputs.
+
+
+EPILOGUE_ROWS = 32  # pixels per task of `block_epilogue`
+
+
+@njit(inline="always")
+def _row_bits(y, nbias, bits, r):
+    """bits[r, q] = packed (y[c] + nbias[c] >= 0) for the channels c of word q."""
+    m = y.shape[0]
+    for q in range(bits.shape[1]):
+        base = 64 * q
+        word = np.uint64(0)  # in a register, from a loop starting at 0: vectorises
+        for j in range(min(64, m - base)):
+            word |= np.uint64(y[base + j] + nbias[base + j] >= 0) << np.uint64(j)
+        bits[r, q] = word
+
+
+@njit(parallel=True, cache=True)
+def _block_epilogue(src, scale, a1, b1, res, a2, b2, slope, out, nbias, bits):
+    """Per row r (pixel) and channel j, in float32 and in torch's order:
+        y = (src * scale) * a1 + b1                   binary conv * its scale, BatchNorm
+        y = y + (res * a2 + b2)  or  y + res          shortcut (its BatchNorm) added
+        y = y if y > 0 else y * slope                 PReLU
+    then out[r] = y and bits[r] = packed (y + nbias >= 0); an empty res / a2 / slope / out /
+    bits leaves that part out. src (N, M) int32 or float32; res, out (N, M) float32; bits
+    (N, M_words) uint64."""
+    n, m = src.shape
+    has_res, res_affine, prelu = res.shape[0] > 0, a2.shape[0] > 0, slope.shape[0] > 0
+    write_out, write_bits = out.shape[0] > 0, bits.shape[0] > 0
+    for task in prange((n + EPILOGUE_ROWS - 1) // EPILOGUE_ROWS):
+        y = np.empty(m, np.float32)
+        for r in range(task * EPILOGUE_ROWS, min(n, (task + 1) * EPILOGUE_ROWS)):
+            s = src[r]
+            for j in range(m):  # each loop vectorised over channels
+                y[j] = np.float32(s[j]) * scale[j] * a1[j] + b1[j]
+            if has_res:
+                x = res[r]
+                if res_affine:
+                    for j in range(m):
+                        y[j] += x[j] * a2[j] + b2[j]
+                else:
+                    for j in range(m):
+                        y[j] += x[j]
+            if prelu:
+                for j in range(m):
+                    v = y[j]
+                    y[j] = v if v > 0 else v * slope[j]
+            if write_out:
+                o = out[r]
+                for j in range(m):
+                    o[j] = y[j]
+            if write_bits:
+                _row_bits(y, nbias, bits, r)
+    return out, bits
+
+
+def block_epilogue(src: np.ndarray, scale: np.ndarray, a1: np.ndarray, b1: np.ndarray,
+                   res: np.ndarray | None = None, a2: np.ndarray | None = None,
+                   b2: np.ndarray | None = None, slope: np.ndarray | None = None,
+                   out: np.ndarray | None = None, nbias: np.ndarray | None = None,
+                   bits: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The end of a residual BNN block on channels-last rows, one pass (`_block_epilogue`):
+    src (N, M) int32 binary conv outputs (or float32) -> y = PReLU((src * scale) * a1 + b1 +
+    [res * a2 + b2 | res]) written to `out` (N, M) float32 when given, and the next binary
+    conv's input signs sign(y + nbias) packed to `bits` (N, M_words) uint64 when `nbias` is
+    given. Per-channel vectors are float32 (M,). Returns (out, bits); an unwanted one is empty.
+    """
+    n, m = src.shape
+    f32 = np.float32
+    vec = lambda v: np.zeros(0, f32) if v is None else np.ascontiguousarray(v, f32)  # noqa: E731
+    for name, v in (("scale", scale), ("a1", a1), ("b1", b1), ("a2", a2), ("b2", b2),
+                    ("slope", slope), ("nbias", nbias)):
+        if v is not None and np.shape(v) != (m,):
+            raise ValueError(f"{name} has shape {np.shape(v)}, the rows have {m} channels")
+    if (a2 is None) != (b2 is None) or (a2 is not None and res is None):
+        raise ValueError("a2 and b2 go together, with res")
+    if res is not None and res.shape != (n, m):
+        raise ValueError(f"res has shape {res.shape}, src {src.shape}")
+    res_ = np.zeros((0, m), f32) if res is None else np.ascontiguousarray(res, f32)
+    out_ = np.zeros((0, m), f32) if out is None else _buffer(out, (n, m), f32)
+    bits_ = (np.zeros((0, 1), np.uint64) if nbias is None else
+             _buffer(bits, (n, n_words(m)), np.uint64))
+    return _block_epilogue(np.ascontiguousarray(src), vec(scale), vec(a1), vec(b1), res_,
+                           vec(a2), vec(b2), vec(slope), out_, vec(nbias), bits_)

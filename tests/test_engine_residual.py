@@ -1,0 +1,174 @@
+"""Packed CPU engine on residual BNNs vs torch: birealnet (baseline and pruned), a user's
+Bi-Real-style model, and models it must refuse. Tiny widths, a few images."""
+
+import re
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnnprune
+from bnnprune.core.binary import binary_layers
+from bnnprune.engines.kernels.pack import unpack_pm1
+from bnnprune.engines.packed import PackedModel
+from bnnprune.engines.residual import EngineUnsupported, PackedResidual
+from bnnprune.models import build_model, model_config
+
+from conftest import REPO
+
+TIE = 1e-5  # |x + b| below this: float rounding order may decide the sign (a documented tie)
+
+
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BatchNorm statistics (one gamma < 0), PReLU slopes and thresholds, so every
+    epilogue term matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.randn(n, generator=g))
+                m.bias.copy_(torch.randn(n, generator=g))
+                m.running_mean.copy_(torch.randn(n, generator=g))
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            elif isinstance(m, nn.PReLU):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g))
+        for p in model.parameters():
+            if p.dim() == 4 and p.shape[0] == 1:  # (1, C, 1, 1) sign thresholds
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def birealnet(width: float = 0.25) -> nn.Module:
+    return randomise(build_model(model_config("birealnet", width, [1, 28, 28], 10), seed=0))
+
+
+def pruned_birealnet() -> nn.Module:
+    model = birealnet()
+    g = torch.Generator().manual_seed(0)
+    counts = {n: torch.randint(0, 20, m.weight.shape, generator=g)
+              for n, m in binary_layers(model).items()}
+    pruned, _ = bnnprune.prune(model, torch.zeros(1, 1, 28, 28), counts, method="flip",
+                               target_bop_reduction=0.4, round_to=1, min_channels=1, seed=0)
+    return pruned.eval()
+
+
+def user_model() -> nn.Module:
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        model = build_model(model_config("usermodels.tiny_bireal:build", 1.0, [1, 28, 28], 10,
+                                         {"width": 8}, ["usermodels.tiny_bireal:MyBinaryConv"]),
+                            seed=0)
+    finally:
+        sys.path.remove(str(REPO / "tests"))
+    return randomise(model)
+
+
+def binary_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What each binary layer of the torch model reads (x + b), by layer name."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, a[0]))
+             for n, m in binary_layers(model).items()]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def check_exact(model: nn.Module, engine: PackedResidual, x: torch.Tensor) -> None:
+    """Logits to float tolerance, the same predictions; every binary conv's int32 outputs
+    are torch's conv of the signs it read, exactly; those signs are torch's except at ties."""
+    with torch.no_grad():
+        ref = model(x)
+    got = engine(x)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(1), ref.argmax(1))
+    inputs = binary_inputs(model, x)
+    ops = engine.program.ops
+    convs = [op for op in ops if op.kind == "bin_conv"]
+    assert [op.layer for op in convs] == list(binary_layers(model))
+    for op in convs:
+        producer = next(p for p in ops if p.kind == "epilogue" and p.bits == op.src)
+        cin = op.weight.shape[1]
+        bits = producer.buffers["bits"]  # (B * H * W, Cin_words), this call's
+        b, _, h, w = inputs[op.layer].shape
+        signs = torch.from_numpy(unpack_pm1(bits.reshape(b, h, w, -1), cin)).float()
+        signs = signs.permute(0, 3, 1, 2)  # (B, H, W, Cin) -> (B, Cin, H, W)
+        want = torch.where(inputs[op.layer] >= 0, 1.0, -1.0)
+        assert ((signs != want) <= (inputs[op.layer].abs() < TIE)).all(), op.layer
+        acc = torch.from_numpy(op.buffers["acc"]).view(b, -1, op.weight.shape[0])
+        dots = F.conv2d(F.pad(signs, (op.pad,) * 4, value=1.0), op.weight, None, op.stride)
+        assert torch.equal(acc.float(), dots.flatten(2).transpose(1, 2)), op.layer
+
+
+@pytest.mark.parametrize("make", [birealnet, pruned_birealnet, user_model],
+                         ids=["birealnet", "birealnet-pruned", "user-tiny-bireal"])
+def test_engine_matches_torch(make):
+    model = make()
+    engine = PackedModel.from_model(model)  # dispatches: not a chain BNN
+    assert isinstance(engine, PackedResidual)
+    x = torch.randn(6, 1, 28, 28)
+    check_exact(model, engine, x)
+    check_exact(model, engine, x[:2])  # other batch size: buffers reallocated
+
+
+def test_structure_packs_in_the_producers_epilogue():
+    """birealnet: every binary conv reads bits a fused epilogue wrote (the stem's or the last
+    block's), no separate pack pass, downsample BN folded, layers timed as count_ops rows."""
+    model = birealnet()
+    engine = PackedResidual.from_model(model)
+    kinds = [op.kind for op in engine.program.ops]
+    assert kinds.count("bin_conv") == 6 and kinds.count("epilogue") == 7  # stem + 6 blocks
+    for op in engine.program.ops:
+        if op.kind == "epilogue" and op.bits >= 0:
+            assert op.src != 0 and op.layer is not None  # never a pack of the model input
+    downs = [op for op in engine.program.ops if op.kind == "epilogue" and "a2" in op.params]
+    assert [op.layer for op in downs] == ["blocks.2.conv", "blocks.4.conv"]
+    times: dict[str, float] = {}
+    engine(torch.randn(2, 1, 28, 28), times)
+    assert list(times) == [r["name"] for r in bnnprune.count_ops(model).layers]
+    assert all(t > 0 for t in times.values())
+
+
+class ZeroPadBinaryConv(nn.Module):
+    """sign conv with zero padding: not what the packed kernels compute."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c, c, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(torch.where(x >= 0, 1.0, -1.0), torch.where(self.weight >= 0, 1.0, -1.0),
+                        padding=1)
+
+
+class Odd(nn.Module):
+    def __init__(self, conv: nn.Module, act: nn.Module):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv, self.act = conv, act
+        self.fc = nn.Linear(8, 10)
+        self.bnnprune_binary = [type(conv)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.fc(self.act(self.conv(h) + h).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("model,message", [
+    (Odd(ZeroPadBinaryConv(8), nn.PReLU(8)),
+     "conv (ZeroPadBinaryConv): its output is not conv(sign(x) padded with +1, sign(W))"),
+    (Odd(bnnprune.BinaryConv2d(8, 8, 3, 1, 1), nn.Hardtanh()),
+     "Odd: module act (Hardtanh): not a module the engine runs"),
+], ids=["zero-padded-binary-conv", "hardtanh"])
+def test_unsupported_block_is_named(model, message):
+    with pytest.raises(EngineUnsupported, match=re.escape(message)):
+        PackedModel.from_model(model.eval())
+
+
+def test_training_mode_rejected():
+    with pytest.raises(ValueError, match="eval mode"):
+        PackedModel.from_model(birealnet().train())
