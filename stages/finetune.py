@@ -1,4 +1,5 @@
-"""finetune: retrain the pruned model (its surviving latent weights) with the finetune group.
+"""finetune: retrain the pruned model (its surviving latent weights) with the finetune group,
+distilling from the unpruned baseline when finetune.distill > 0.
 
 With finetune.nproc > 1 it re-runs itself under torchrun (DDP); rank 0 alone tracks and writes."""
 
@@ -20,7 +21,7 @@ from bnnprune.pipeline.train import (
     launch,
 )
 
-PRUNED, OUT = "models/pruned.pt", "models/finetuned.pt"
+BASELINE, PRUNED, OUT = "models/baseline.pt", "models/pruned.pt", "models/finetuned.pt"
 METRICS, PLOT = "reports/metrics/finetune.json", "reports/plots/finetune_history.csv"
 RESUME = ".bnnprune/resume/finetune.pt"
 
@@ -31,6 +32,7 @@ def main() -> None:
     launch(cfg.nproc, __file__, "finetune")
     rank = init_distributed(cfg)
     model, ckpt = load_checkpoint(PRUNED, arch=params.model.arch)
+    teacher = load_checkpoint(BASELINE, arch=params.model.arch)[0] if cfg.distill else None
     splits, card = load_prepared("data/prepared")
     pruned = ckpt["meta"]["prune"]
     key = fingerprint({"finetune": cfg}, ckpt["config"], pruned)
@@ -40,7 +42,7 @@ def main() -> None:
     with stage_run("finetune", ran, key) if rank == 0 else nullcontext():
         start = time.perf_counter()
         result, metrics = finetune(model, splits, card, cfg, pruned["baseline_test_acc"],
-                                   RESUME, desc="finetune")
+                                   RESUME, desc="finetune", teacher=teacher)
         seconds = time.perf_counter() - start
         finish_distributed()
         if rank != 0:

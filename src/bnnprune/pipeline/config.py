@@ -65,6 +65,9 @@ class TrainConfig:
     # processes: > 1 runs the stage under torchrun with DistributedDataParallel (batch_size
     # stays the global batch; it must be a multiple of nproc)
     nproc: int = field(default=1, metadata=_range(1, 1024))
+    # knowledge distillation from the unpruned model (finetune only; ReActNet's recipe is 1.0):
+    # loss = (1 - distill) * cross-entropy + distill * KL(teacher softmax || student softmax)
+    distill: float = field(default=0.0, metadata=_range(0.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -275,6 +278,9 @@ def parse_params(raw: dict | None) -> Params:
     if (params.model.kwargs or params.model.binary) and not _is_factory(arch):
         raise ConfigError(f"model.kwargs / model.binary with model.arch {arch!r}; allowed: only "
                           f"with a 'package.module:factory' arch")
+    if params.train.distill:
+        raise ConfigError(f"train.distill: {params.train.distill!r}; the baseline has no teacher "
+                          f"to learn from; allowed: 0 (distil in finetune.distill)")
     if "scratch" in params.study.methods and params.study.scratch_budgets:
         raise ConfigError(f"study.scratch_budgets: {params.study.scratch_budgets} while "
                           f"study.methods also lists 'scratch': both would write the scratch "

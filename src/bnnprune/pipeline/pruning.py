@@ -296,15 +296,17 @@ def channel_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def finetune(model: BNN, splits: dict[str, Split], card: dict, cfg: TrainConfig,
-             baseline_test_acc: float, resume_path: str | None, desc: str
-             ) -> tuple[FitResult, dict[str, Any]]:
-    """Fine-tune a pruned model with the one training loop; accuracies and the drop in points."""
-    result = fit(model, splits["train"], splits["val"], card, cfg, resume_path, desc=desc)
+             baseline_test_acc: float, resume_path: str | None, desc: str,
+             teacher: nn.Module | None = None) -> tuple[FitResult, dict[str, Any]]:
+    """Fine-tune a pruned model with the one training loop (distilling from `teacher` when
+    `cfg.distill` > 0); accuracies and the drop in points."""
+    result = fit(model, splits["train"], splits["val"], card, cfg, resume_path, desc=desc,
+                 teacher=teacher)
     val, test = (evaluate(model, splits[k], card) for k in ("val", "test"))
     return result, {"val_acc": val["acc"], "test_acc": test["acc"], "test_loss": test["loss"],
                     "baseline_test_acc": baseline_test_acc,
                     "acc_drop_pt": 100.0 * (baseline_test_acc - test["acc"]),
-                    "epochs": cfg.epochs}
+                    "epochs": cfg.epochs, "distill": cfg.distill}
 
 
 def accuracy(model: nn.Module, splits: dict[str, Split], card: dict) -> dict[str, float]:

@@ -25,6 +25,7 @@ import mlflow
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -174,10 +175,24 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def objective(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None,
+              distill: float) -> torch.Tensor:
+    """Cross-entropy, mixed with KL(teacher || student) at weight `distill` when a teacher's
+    logits are given (ReActNet's distribution loss at distill 1)."""
+    loss = F.cross_entropy(logits, y)
+    if teacher_logits is None or not distill:
+        return loss
+    kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(teacher_logits, 1),
+                  reduction="batchmean", log_target=True)
+    return (1 - distill) * loss + distill * kl
+
+
 def fit(model: BNN, train: Split, val: Split, card: dict, cfg: TrainConfig,
-        resume_path: str | Path | None = None, desc: str = "train") -> FitResult:
+        resume_path: str | Path | None = None, desc: str = "train",
+        teacher: nn.Module | None = None) -> FitResult:
     """Train `model` for `cfg.epochs` (+ `cfg.tail_epochs` at `cfg.tail_lr`), counting flips
-    in the schedule's last `cfg.flip_window` epochs and, apart, in the tail.
+    in the schedule's last `cfg.flip_window` epochs and, apart, in the tail. With
+    `cfg.distill > 0`, `teacher` (frozen, eval mode) supplies the soft targets.
 
     After every epoch the full state goes to `resume_path`; a later call with the same
     config and starting weights resumes from it, then removes it when training ends.
@@ -190,6 +205,10 @@ def fit(model: BNN, train: Split, val: Split, card: dict, cfg: TrainConfig,
     if 0 < len(train) % cfg.batch_size < world_size:
         raise TrainingError(f"{desc}: the last batch of {len(train) % cfg.batch_size} images "
                             f"cannot be split over {world_size} processes; change batch_size")
+    if cfg.distill and teacher is None:
+        raise TrainingError(f"{desc}: distill is {cfg.distill} but no teacher model was given")
+    if cfg.distill:
+        teacher = teacher.to(device).eval().requires_grad_(False)
     model.to(device)
     key = fingerprint(asdict(cfg), model.config, card.get("sources"), card.get("sizes"),
                       [float(p.double().sum()) for p in model.state_dict().values()])
@@ -225,7 +244,9 @@ def fit(model: BNN, train: Split, val: Split, card: dict, cfg: TrainConfig,
                 group["lr"] = lr_at(cfg, epoch, step, steps)
             x, y = normalize(images, card["mean"], card["std"]).to(device), labels.to(device)
             logits = net(x)
-            loss = F.cross_entropy(logits, y)
+            with torch.no_grad():
+                soft = teacher(x) if cfg.distill else None
+            loss = objective(logits, y, soft, cfg.distill)
             if not torch.isfinite(loss):
                 raise TrainingError(f"{desc}: loss is {loss.item()} at epoch {epoch + 1} step "
                                     f"{step + 1}; stopped (no checkpoint was overwritten). "
