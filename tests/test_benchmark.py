@@ -3,11 +3,11 @@ triton_cuda bookkeeping with a stand-in engine (no GPU here)."""
 
 import pytest
 import torch
+from torch import nn
 
+from bnnprune.core.binary import BinaryConv2d
 from bnnprune.models import build_model, model_config
 from bnnprune.pipeline import benchmark, tracking
-
-from conftest import REPO
 
 
 def tiny(channels):
@@ -257,65 +257,116 @@ def test_engine_layer_clock_sums_to_the_call():
     assert all(v > 0 for v in times.values())
 
 
-def not_built(*args, **kwargs):
-    raise AssertionError("an engine was built for a model it cannot run")
+class FakeSession:
+    """onnxruntime stand-in: the torch model on the fed array (wiring only, no export)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def run(self, outputs, feed):
+        self.calls += 1
+        with torch.no_grad():
+            return [self.model(torch.from_numpy(feed["images"])).numpy()]
+
+
+def bireal(width):
+    return build_model(model_config("birealnet", width, [1, 28, 28], 10), seed=0).eval()
 
 
 @pytest.fixture(scope="module")
 def bireal_result():
-    """Two birealnets, as if a GPU were there (no backend skipped for the machine): neither
-    engine, nor the peak kernel that only the packed engine's layer table uses, is built."""
-    from bnnprune.engines import triton_engine
+    """birealnet baseline and a narrower one: the packed engine runs them (residual blocks),
+    side by side with torch float and (stand-in) onnxruntime sessions at every batch size."""
+    from bnnprune.pipeline import export
 
-    def bireal(width):
-        return build_model(model_config("birealnet", width, [1, 28, 28], 10), seed=0).eval()
-
+    models = {"baseline": bireal(0.25), "pruned": bireal(0.125)}
+    sessions = {n: FakeSession(m) for n, m in models.items()}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(benchmark, "skipped_backends", lambda: {})
-        for cls in (benchmark.PackedModel, triton_engine.TritonModel):
-            mp.setattr(cls, "from_model", staticmethod(not_built))
-        mp.setattr(benchmark, "PeakXorPopcount", not_built)
-        return benchmark.run_benchmark({"baseline": bireal(0.25), "pruned": bireal(0.125)},
-                                       torch.randn(20, 1, 28, 28), batch_size=8, threads=1,
-                                       warmup=1, repeats=2, batch_sizes=[1, 8])
+        mp.setattr(export, "session", lambda path, threads, spinning: sessions[path])
+        res = benchmark.run_benchmark(models, torch.randn(20, 1, 28, 28), batch_size=8,
+                                      threads=1, warmup=1, repeats=2, batch_sizes=[1, 8],
+                                      onnx={"baseline": "baseline", "pruned": "pruned"})
+    return res, sessions
 
 
-def test_engines_skip_a_model_they_cannot_run_and_torch_is_timed(bireal_result):
-    res = bireal_result
-    why = ("birealnet is not a chain model (blocks.0 is a BiRealBlock); it runs chain BNNs "
-           "(cnn, nin, alexnet) only")
-    assert res["skipped"] == {"packed_cpu": f"packed engine: {why}",
-                              "triton_cuda": f"Triton engine: {why}"}
+def test_birealnet_runs_on_the_packed_engine_beside_torch_and_onnxruntime(bireal_result):
+    from bnnprune.core.ops import count_ops
+
+    res, sessions = bireal_result
+    assert "packed_cpu" not in res["skipped"] and "CUDA" in res["skipped"]["triton_cuda"]
+    assert all(s.calls > 0 for s in sessions.values())
+    for name in ("baseline", "pruned"):
+        m = res["models"][name]
+        for b in ("torch_float", "onnxruntime", "packed_cpu"):
+            assert m[b]["latency_ms_median"] > 0, (name, b)
+        assert m["channels"] == ([8, 16, 32] if name == "baseline" else [4, 8, 16])
+        assert res["prediction_mismatches"][name]["mismatches"] == 0
+        assert res["prediction_mismatches"][name]["images"] == 20
+    assert res["backends"]["cpu"]["speedup"] == res["speedup"]["packed_cpu"] > 0
+    assert res["work_ratio"]["onnxruntime"] == res["work_ratio"]["torch_float"] > 1
+    rows = res["layers"]["rows"]
+    assert [r["name"] for r in rows] == [r["name"] for r in count_ops(bireal(0.25)).layers]
+    assert {r["name"] for r in rows if r["binary"]} == {f"blocks.{i}.conv" for i in range(6)}
+    assert all(("baseline_pct_of_peak" in r) == r["binary"] for r in rows)
+    assert res["layers"]["predicted_speedup"] > 1
+    assert list(res["by_batch"]) == ["batch_1", "batch_8"]
+    for batch, rows in res["by_batch"].items():
+        assert set(rows) == {"torch_float", "onnxruntime", "packed_cpu"}
+        for model in ("baseline", "pruned"):
+            vs = res["engine_vs"][batch][model]
+            assert set(vs) == {"torch_float", "torch_float_of_min_ms", "onnxruntime",
+                               "onnxruntime_of_min_ms"}
+            assert vs["torch_float"] == pytest.approx(
+                rows["torch_float"][f"{model}_ms"] / rows["packed_cpu"][f"{model}_ms"])
+    flat = benchmark.flat_metrics(res)
+    assert all(tracking.METRIC_NAME.fullmatch(k) for k in flat), flat
+    assert "baseline/packed_vs_onnxruntime_b8" in flat and "speedup/onnxruntime_b1" in flat
+    assert "| blocks.5.conv" in benchmark.layer_table_md(res)
+    assert {r["backend"] for r in benchmark.latency_rows(res)} == {
+        "torch_float", "onnxruntime", "packed_cpu"}
+
+
+class Hard(nn.Module):
+    """A residual binary block with a Hardtanh: no engine runs it."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.config = {"arch": "hard", "in_shape": [1, 12, 12]}
+        self.stem = nn.Conv2d(1, c, 3, padding=1)
+        self.conv = BinaryConv2d(c, c, 3, 1, 1)
+        self.act = nn.Hardtanh()
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.fc(self.act(self.conv(h) + h).mean(dim=(2, 3)))
+
+
+def test_a_block_no_engine_runs_is_skipped_with_the_module_and_op(monkeypatch):
+    """As if a GPU were there: both engines skipped with the reason their from_model gives,
+    torch float still timed; no peak kernel, no layer table, no engine checks."""
+    monkeypatch.setattr(benchmark, "skipped_backends", lambda: {})
+    monkeypatch.setattr(benchmark, "PeakXorPopcount", None)  # never built
+    models = {"baseline": Hard().eval(), "pruned": Hard().eval()}
+    res = benchmark.run_benchmark(models, torch.randn(6, 1, 12, 12), batch_size=4, threads=1,
+                                  warmup=1, repeats=2, batch_sizes=[4])
+    why = ("hard: module act (Hardtanh): not a module the engine runs; the packed engines run "
+           "residual BNN blocks")
+    assert res["skipped"]["packed_cpu"].startswith(f"packed engine: {why}")
+    assert res["skipped"]["triton_cuda"].startswith(f"Triton engine: {why}")
     for key, backend in (("cpu", "packed_cpu"), ("triton", "triton_cuda")):
         assert res["backends"][key] == {"backend": backend, "speedup": None,
                                         "reason": res["skipped"][backend],
                                         "unsupported_model": True}
-    for name in ("baseline", "pruned"):
-        m = res["models"][name]
-        assert m["torch_float"]["latency_ms_median"] > 0
-        assert "packed_cpu" not in m and "triton_cuda" not in m
-        assert m["channels"] == (
-            [8, 16, 32] if name == "baseline" else [4, 8, 16])  # birealnet: per stage
-    assert set(res["speedup"]) == {"torch_float"} and res["backends"]["torch"]["speedup"] > 0
-    assert res["ops_ratio"] > 1 and set(res["work_ratio"]) == {"torch_float"}
-    assert list(res["by_batch"]) == ["batch_1", "batch_8"]
-    for rows in res["by_batch"].values():
-        assert set(rows) == {"torch_float"} and rows["torch_float"]["speedup"] > 0
-    assert res["prediction_mismatches"] == {} and res["prediction_mismatches_by_backend"] == {}
-    assert "layers" not in res
+    assert set(res["speedup"]) == {"torch_float"} and "layers" not in res
+    assert res["prediction_mismatches"] == {} and res["engine_vs"] == {}
     assert res["bnn_vs_float"] == {"speedup": None, "reason": res["skipped"]["packed_cpu"]}
-    assert [r["backend"] for r in benchmark.latency_rows(res)] == ["torch_float"] * 2
-    flat = benchmark.flat_metrics(res)
-    assert all(tracking.METRIC_NAME.fullmatch(k) for k in flat), flat
-    assert "speedup/torch_float_b1" in flat and not any("packed" in k for k in flat)
+    assert set(res["by_batch"]["batch_4"]) == {"torch_float"}
 
 
-def test_engine_unsupported_names_the_model_and_the_module(monkeypatch):
-    assert benchmark.engine_unsupported(tiny([8, 8, 16, 16, 32, 32])) is None
-    monkeypatch.syspath_prepend(str(REPO / "tests"))
-    user = build_model(model_config("usermodels.tiny_bireal:build", 1.0, [1, 28, 28], 10,
-                                    {"width": 8}, ["usermodels.tiny_bireal:MyBinaryConv"]))
-    assert benchmark.engine_unsupported(user) == (
-        "usermodels.tiny_bireal:build is not a chain model (a TinyBiReal, not a chain BNN of "
-        "blocks); it runs chain BNNs (cnn, nin, alexnet) only")
-    assert benchmark.model_channels(user) == [8, 16]  # a user's model: its binary layers' widths
+def test_build_engines_is_the_one_decision():
+    engines, why = benchmark.build_engines({"a": tiny([8, 8, 16, 16, 32, 32])},
+                                           benchmark.PackedModel.from_model)
+    assert why is None and set(engines) == {"a"}
+    engines, why = benchmark.build_engines({"a": Hard().eval()}, benchmark.PackedModel.from_model)
+    assert engines == {} and "module act (Hardtanh)" in why

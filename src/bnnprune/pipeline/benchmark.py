@@ -18,10 +18,19 @@ Speedups are latency ratios baseline / pruned (> 1: the pruned model is faster),
 convention; `backends` holds the per-backend view `report.py` and `gate.py` read
 (keys `cpu` = packed_cpu, `torch` = torch_float, `triton` = triton_cuda).
 
-The bit-packed engines (packed_cpu, triton_cuda) run chain BNNs (cnn, nin, alexnet) only. For any
-other model (birealnet, a user's "package.module:factory" model) both are skipped with the reason
-(`skipped`, and `unsupported_model: true` in their `backends` entry) and only torch float is
-timed, at every batch size; no per-layer engine table, no engine prediction checks.
+The bit-packed engines (packed_cpu, triton_cuda) run chain BNNs (cnn, nin, alexnet) and residual
+BNNs built from Bi-Real blocks (birealnet, users' models of the same blocks: `engines.residual`).
+Whether they can run a model is decided in one place, the engine's `from_model`: a model with a
+block they cannot run raises `EngineUnsupported` naming the module and op, and here both engines
+are then skipped with that reason (`skipped`, and `unsupported_model: true` in their `backends`
+entry) and only torch float (and onnxruntime) is timed; no per-layer table, no engine checks.
+
+onnxruntime: given the exported ONNX files (`onnx`: {"baseline": path, "pruned": path}), their
+sessions (`export.session`, no spinning, `threads` threads) are timed in the same interleaved
+rounds as torch float and the engines, at every batch size (the graph takes [0, 1] images and
+normalises inside; it is fed the normalised batch, which costs the same). `engine_vs` holds, per
+batch size and model, the packed engine's speed over torch float and over onnxruntime (ratio of
+the medians and of the minimums of the same rounds).
 
 Per layer (`layers`): every timed packed-engine call also clocks each layer (`engine(x, times)`:
 stem, binary blocks with their im2col / pooling / packing, and the head + classifier as
@@ -50,15 +59,18 @@ from torch import nn
 from bnnprune.core.ops import count_ops
 from bnnprune.engines.bench_kernels import PeakXorPopcount
 from bnnprune.engines.packed import PackedModel
+from bnnprune.engines.residual import EngineUnsupported
 from bnnprune.engines.timing import time_interleaved
-from bnnprune.models import chain
 from bnnprune.pipeline.tracking import layer_segment
 
 BACKENDS = ("torch_float", "packed_cpu", "triton_cuda")
 REPORT_KEYS = {"packed_cpu": "cpu", "torch_float": "torch", "triton_cuda": "triton"}
-ENGINES = {"packed_cpu": "packed engine", "triton_cuda": "Triton engine"}  # chain BNNs only
-BY_BATCH_BACKENDS = ("torch_float", "packed_cpu")
+ENGINES = {"packed_cpu": "packed engine", "triton_cuda": "Triton engine"}
+ONNX = "onnxruntime"
+TIMED = ("torch_float", ONNX, "packed_cpu", "triton_cuda")  # every backend that may be timed
+BY_BATCH_BACKENDS = ("torch_float", ONNX, "packed_cpu")
 TRITON_DEVICE = "cuda"
+ONNX_INPUT = "images"  # the exported graph's input (`export.INPUT`)
 
 
 def batch_key(batch_size: int) -> str:
@@ -111,20 +123,14 @@ def skipped_backends() -> dict[str, str]:
     return {}
 
 
-def engine_unsupported(model: nn.Module) -> str | None:
-    """Why the bit-packed engines (`ENGINES`) cannot run `model`, naming the model and the
-    first module they do not know; None for a chain BNN, which they run."""
-    if isinstance(model, chain.BNN):
-        return None
-    config = getattr(model, "config", None)
-    arch = config.get("arch") if isinstance(config, dict) else None
-    blocks = getattr(model, "blocks", None)
-    other = next((f"blocks.{i} is a {type(b).__name__}" for i, b in enumerate(blocks)
-                  if not isinstance(b, chain.Block)), None) \
-        if isinstance(blocks, nn.Sequential | nn.ModuleList) else None
-    return (f"{arch or type(model).__name__} is not a chain model "
-            f"({other or f'a {type(model).__name__}, not a chain BNN of blocks'}); it runs "
-            f"chain BNNs ({', '.join(chain.ARCHS)}) only")
+def build_engines(models: dict[str, nn.Module], build: Callable[[nn.Module], Any]
+                  ) -> tuple[dict[str, Any], str | None]:
+    """An engine per model (`build`: the engine's `from_model`), or none and the reason when one
+    of the models has a block the engine cannot run (`EngineUnsupported`: module and op)."""
+    try:
+        return {name: build(m) for name, m in models.items()}, None
+    except EngineUnsupported as e:
+        return {}, str(e)
 
 
 def model_channels(model: nn.Module) -> list[int]:
@@ -210,18 +216,27 @@ def prediction_mismatches(model: nn.Module, engine: Callable[[torch.Tensor], tor
 def run_benchmark(models: dict[str, nn.Module], images: torch.Tensor, batch_size: int,
                   threads: int, warmup: int, repeats: int,
                   check_images: torch.Tensor | None = None,
-                  batch_sizes: list[int] | None = None) -> dict[str, Any]:
-    """models: {"baseline": model, "pruned": model} in eval mode (any model; the engines run
-    chain BNNs only, see `engine_unsupported`); images: normalised float32 (N, C, H, W), the
-    first `batch_size` are timed; `check_images` (default `images`) are run through both torch
-    and each engine that ran to count prediction mismatches; `batch_sizes`: the whole-model
-    latency table (`by_batch`) at these too. Thread counts are restored afterwards."""
+                  batch_sizes: list[int] | None = None,
+                  onnx: dict[str, Any] | None = None) -> dict[str, Any]:
+    """models: {"baseline": model, "pruned": model} in eval mode (any model; an engine that
+    cannot run it is skipped with the reason its `from_model` gives); images: normalised
+    float32 (N, C, H, W), the first `batch_size` are timed; `check_images` (default `images`)
+    are run through both torch and each engine that ran to count prediction mismatches;
+    `batch_sizes`: the whole-model latency table (`by_batch`) at these too; `onnx`: the models'
+    ONNX files, timed with onnxruntime in the same rounds. Thread counts are restored
+    afterwards."""
     saved = torch.get_num_threads(), numba.get_num_threads()
     try:
+        sessions = {}
+        if onnx:
+            from bnnprune.pipeline.export import session  # export imports this module
+
+            sessions = {name: session(onnx[name], threads, spinning=False) for name in models}
         result, engines = _run(models, images, batch_size, threads, warmup, repeats,
-                               check_images)
+                               check_images, sessions)
         result["by_batch"] = by_batch(models, engines, images, batch_sizes or [batch_size],
-                                      result, warmup, repeats)
+                                      result, warmup, repeats, sessions)
+        result["engine_vs"] = engine_vs(result["by_batch"])
         return result
     finally:
         torch.set_num_threads(saved[0])
@@ -229,8 +244,8 @@ def run_benchmark(models: dict[str, nn.Module], images: torch.Tensor, batch_size
 
 
 def _run(models: dict[str, nn.Module], images: torch.Tensor, batch_size: int, threads: int,
-         warmup: int, repeats: int,
-         check_images: torch.Tensor | None) -> tuple[dict[str, Any], dict[str, PackedModel]]:
+         warmup: int, repeats: int, check_images: torch.Tensor | None,
+         sessions: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The result at `batch_size`, and the packed engines it built (for `by_batch`; none when
     the packed engine was skipped)."""
     if threads > 0:
@@ -239,21 +254,24 @@ def _run(models: dict[str, nn.Module], images: torch.Tensor, batch_size: int, th
     x = images[:batch_size].contiguous()
     batch = len(x)
     skipped = skipped_backends()
-    unsupported = next(filter(None, map(engine_unsupported, models.values())), None)
-    model_skips = {b: f"{engine}: {unsupported}" for b, engine in ENGINES.items()
-                   if unsupported and b not in skipped}  # the engine cannot run the model
-    skipped.update(model_skips)
-    packed = "packed_cpu" not in skipped
-    engines = {name: PackedModel.from_model(m) for name, m in models.items()} if packed else {}
-
-    peak = PeakXorPopcount(numba.get_num_threads()) if packed else None
+    model_skips: dict[str, str] = {}  # the engine cannot run the model: its reason
+    engines, why = build_engines(models, PackedModel.from_model)
+    if why:
+        model_skips["packed_cpu"] = f"{ENGINES['packed_cpu']}: {why}"
     triton_engines: dict[str, Any] = {}
     if "triton_cuda" not in skipped:
         from bnnprune.engines.triton_engine import TritonModel  # imports triton: only with a GPU
 
         device = torch.device(TRITON_DEVICE)
-        x_dev = x.to(device)
-        triton_engines = {name: TritonModel.from_model(m, device) for name, m in models.items()}
+        triton_engines, why = build_engines(models, lambda m: TritonModel.from_model(m, device))
+        if why:
+            model_skips["triton_cuda"] = f"{ENGINES['triton_cuda']}: {why}"
+        else:
+            x_dev = x.to(device)
+    skipped.update(model_skips)
+    packed = "packed_cpu" not in skipped
+
+    peak = PeakXorPopcount(numba.get_num_threads()) if packed else None
     fns: dict[str, Callable[[], Any]] = {"peak_xor_popcount": peak} if peak else {}
     layer_ms: dict[str, list[dict[str, float]]] = {name: [] for name in engines}
     for name, m in models.items():
@@ -262,6 +280,9 @@ def _run(models: dict[str, nn.Module], images: torch.Tensor, batch_size: int, th
                 return m(x)
 
         fns[f"{name}/torch_float"] = run_torch
+        if name in sessions:
+            feed = {ONNX_INPUT: x.numpy()}
+            fns[f"{name}/{ONNX}"] = lambda s=sessions[name], feed=feed: s.run(None, feed)
         if name in engines:
             def run_packed(e=engines[name], calls=layer_ms[name]):
                 seconds: dict[str, float] = {}
@@ -280,7 +301,7 @@ def _run(models: dict[str, nn.Module], images: torch.Tensor, batch_size: int, th
     times = time_interleaved(fns, warmup, repeats)
     machine = machine_info(threads)
     machine["load_average_before"] = load_before
-    ran = [b for b in BACKENDS if b not in skipped]
+    ran = [b for b in TIMED if b not in skipped and (b != ONNX or sessions)]
 
     per_model = {}
     ops_by_model = {name: count_ops(m).to_dict() for name, m in models.items()}
@@ -294,8 +315,8 @@ def _run(models: dict[str, nn.Module], images: torch.Tensor, batch_size: int, th
     speedup = {b: med(base, b) / med(pruned, b) for b in ran}
     ops_ratio = base["ops"] / pruned["ops"]
     macs = {n: m["bops"] + m["flops"] for n, m in per_model.items()}  # what torch executes
-    work_ratio = {b: macs["baseline"] / macs["pruned"] if b == "torch_float" else ops_ratio
-                  for b in ran}
+    work_ratio = {b: macs["baseline"] / macs["pruned"] if b in ("torch_float", ONNX)
+                  else ops_ratio for b in ran}
     checks = check_images if check_images is not None else images
     mism_by_backend: dict[str, dict[str, dict[str, float]]] = {}
     layers: dict[str, Any] | None = None  # the packed engine's per-layer view, when it ran
@@ -357,17 +378,19 @@ def batch_of(images: torch.Tensor, batch_size: int) -> torch.Tensor:
     return images.repeat(-(-batch_size // len(images)), 1, 1, 1)[:batch_size].contiguous()
 
 
-def by_batch(models: dict[str, nn.Module], engines: dict[str, PackedModel],
+def by_batch(models: dict[str, nn.Module], engines: dict[str, Any],
              images: torch.Tensor, batch_sizes: list[int], result: dict[str, Any], warmup: int,
-             repeats: int) -> dict[str, dict[str, Any]]:
+             repeats: int, sessions: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Baseline vs pruned whole-model latency of torch float and the packed engine (when it
     ran: `engines` is empty when it was skipped) at each batch size, interleaved per batch
     size: {"batch_<b>": {backend: row}}, a row holding median and min ms of both models, the
     speedup of the medians and of the minimums, the work ratio the backend executes (MACs for
     torch float, OPs for the engine) and the speedup's share of it. The headline batch size
     reuses `result`'s rounds instead of timing again; `engines`: the packed engines `_run`
-    built for `models`."""
-    backends = [b for b in BY_BATCH_BACKENDS if b not in result["skipped"]]
+    built for `models`; `sessions`: onnxruntime sessions of the models, when given."""
+    sessions = sessions or {}
+    backends = [b for b in BY_BATCH_BACKENDS if b not in result["skipped"]
+                and (b != ONNX or sessions)]
     out: dict[str, dict[str, Any]] = {}
     for bs in batch_sizes:
         if bs == result["config"]["batch_size"]:
@@ -377,12 +400,15 @@ def by_batch(models: dict[str, nn.Module], engines: dict[str, PackedModel],
             fns: dict[str, Callable[[], Any]] = {}
             for name, m in models.items():
                 fns[f"{name}/torch_float"] = lambda m=m, x=x: m(x)
+                if name in sessions:
+                    feed = {ONNX_INPUT: x.numpy()}
+                    fns[f"{name}/{ONNX}"] = lambda s=sessions[name], f=feed: s.run(None, f)
                 if name in engines:
                     fns[f"{name}/packed_cpu"] = lambda e=engines[name], x=x: e(x)
             with torch.no_grad():
                 times = time_interleaved(fns, warmup, repeats)
             stats = {k: summarize(v, bs) for k, v in times.items()}
-        rows = {}
+        rows: dict[str, Any] = {}
         for b in backends:
             base, pruned = stats[f"baseline/{b}"], stats[f"pruned/{b}"]
             speedup = base["latency_ms_median"] / pruned["latency_ms_median"]
@@ -397,12 +423,28 @@ def by_batch(models: dict[str, nn.Module], engines: dict[str, PackedModel],
     return out
 
 
+def engine_vs(by_batch_rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per batch size and model, the packed engine's speed over each other backend timed in the
+    same rounds: {"batch_64": {"baseline": {"torch_float": x, "torch_float_of_min_ms": x,
+    "onnxruntime": ...}, "pruned": ...}}; empty where the engine did not run."""
+    out: dict[str, dict[str, Any]] = {}
+    for batch, rows in by_batch_rows.items():
+        if "packed_cpu" not in rows:
+            continue
+        eng = rows["packed_cpu"]
+        out[batch] = {model: {k: v for b in rows if b != "packed_cpu" for k, v in (
+            (b, rows[b][f"{model}_ms"] / eng[f"{model}_ms"]),
+            (f"{b}_of_min_ms", rows[b][f"{model}_ms_min"] / eng[f"{model}_ms_min"]))}
+            for model in ("baseline", "pruned")}
+    return out
+
+
 def latency_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows for the plot CSV: one per (backend, model) that ran."""
     return [{"label": f"{b}: {name}", "backend": b, "model": name,
              "latency_ms_median": r["latency_ms_median"], "latency_ms_min": r["latency_ms_min"],
              "latency_ms_max": r["latency_ms_max"], "throughput_ips": r["throughput_ips"]}
-            for name, m in result["models"].items() for b in BACKENDS if b in m
+            for name, m in result["models"].items() for b in TIMED if b in m
             for r in [m[b]]]
 
 
@@ -413,7 +455,7 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     b_ = f"_b{result['config']['batch_size']}"
     out: dict[str, float] = {"ops_ratio": result["ops_ratio"]}
     for name, m in result["models"].items():
-        for b in BACKENDS:
+        for b in TIMED:
             if b in m:
                 out[f"{name}/{b}/latency_ms{b_}"] = m[b]["latency_ms_median"]
                 out[f"{name}/{b}/images_per_s{b_}"] = m[b]["throughput_ips"]
@@ -443,6 +485,12 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
             out[f"pruned/{b}/latency_ms{bb}"] = r["pruned_ms"]
             out[f"speedup/{b}{bb}"] = r["speedup"]
             out[f"speedup_vs_work_ratio/{b}{bb}"] = r["share_of_work_ratio"]
+    for batch, per_model in result.get("engine_vs", {}).items():
+        bb = f"_b{batch_size_of(batch)}"
+        for name, ratios in per_model.items():
+            for b, v in ratios.items():
+                if not b.endswith("_of_min_ms"):
+                    out[f"{name}/packed_vs_{b}{bb}"] = v
     return out
 
 
