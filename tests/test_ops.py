@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from bnnprune.core.binary import BINARY_LAYERS
-from bnnprune.core.ops import count_ops, reduction_pct
+from bnnprune.core.ops import count_ops, example_input, reduction_pct
 from bnnprune.models import build_model, model_config
 from bnnprune.models.chain import ARCHS
 
@@ -85,3 +85,29 @@ def test_counts_match_the_shapes_the_model_really_computes(arch, shape):
 def test_reduction_pct():
     assert reduction_pct(200, 150) == 25.0
     assert reduction_pct(0, 0) == 0.0
+
+
+def test_rows_by_name_and_the_default_input():
+    model = build_model(CNN)
+    ops = count_ops(model)
+    assert ops.row("blocks.2.layer")["out_channels"] == 16
+    assert ops.to_dict() == {"layers": ops.layers, "total": ops.total}
+    with pytest.raises(KeyError, match=r"no counted layer 'blocks.9.layer'; layers: "
+                                       r"\['blocks.0.layer', 'blocks.1.layer'"):
+        ops.row("blocks.9.layer")
+    x = example_input(model)
+    assert x.shape == (1, 1, 28, 28) and not x.any()
+    with pytest.raises(ValueError, match=r"^Linear: pass example_inputs \(a batch the model "
+                                         r"takes\); only models with a config 'in_shape'"):
+        example_input(nn.Linear(2, 2))
+    plain = nn.Linear(2, 2)
+    plain.config = {"width": 1}  # a config without in_shape
+    with pytest.raises(ValueError, match="only models with a config 'in_shape' have a default"):
+        example_input(plain)
+
+
+def test_reduction_pct_in_percent():
+    assert reduction_pct(8, 2) == 75.0
+    assert reduction_pct(4, 5) == -25.0
+    assert reduction_pct(0, 5) == 0.0
+    assert reduction_pct(3, 3) == 0.0

@@ -1,0 +1,69 @@
+"""The mutation score per module from mutmut's results (mutants/**/*.py.meta), as a Markdown
+table, and the surviving mutants with their diffs (`--diffs`). Run from the repo root after
+`mutmut run` (`make mutation` does both).
+
+Score = killed / total, where killed counts mutants a test failed on (or timed out on) and
+total counts every mutant generated, survivors and mutants no test reaches included."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from mutmut.configuration import config
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+from mutmut.stats import status_by_exit_code
+
+DETECTED = ("killed", "timeout", "caught by type check")
+
+
+def module_results() -> dict[str, dict[str, str]]:
+    """{module path: {mutant name: status}} for every mutated module."""
+    results = {}
+    for path in config().only_mutate:
+        meta = Path("mutants") / f"{path}.meta"
+        if not meta.is_file():
+            raise SystemExit(f"{meta} missing: run `mutmut run` first")
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        results[path] = {k: status_by_exit_code[v] for k, v in codes.items()}
+    return results
+
+
+def table(results: dict[str, dict[str, str]]) -> str:
+    rows = ["| module | killed | survived | no tests | total | score |",
+            "|---|---:|---:|---:|---:|---:|"]
+    sums: Counter[str] = Counter()
+    for path, statuses in results.items():
+        c = Counter(statuses.values())
+        killed = sum(c[s] for s in DETECTED)
+        row = {"killed": killed, "survived": c["survived"], "no tests": c["no tests"],
+               "total": len(statuses)}
+        sums.update(row)
+        rows.append(f"| `{path.removeprefix('src/bnnprune/')}` | {killed} | {c['survived']} | "
+                    f"{c['no tests']} | {len(statuses)} | {100 * killed / len(statuses):.1f}% |")
+    rows.append(f"| **all** | {sums['killed']} | {sums['survived']} | {sums['no tests']} | "
+                f"{sums['total']} | **{100 * sums['killed'] / sums['total']:.1f}%** |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--diffs", action="store_true", help="print every survivor's diff")
+    args = parser.parse_args()
+    results = module_results()
+    print(table(results))
+    survivors = [(p, k) for p, s in results.items() for k, v in s.items()
+                 if v not in DETECTED]
+    print(f"\n{len(survivors)} mutants not killed" + (":" if survivors else ""))
+    for path, name in survivors:
+        print(f"\n## {name} ({results[path][name]})")
+        if args.diffs:
+            print(get_diff_for_mutant(name, path=path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
