@@ -1,18 +1,19 @@
 """Pruning the chain models (cnn, nin, alexnet) by block index, as the pipeline's prune stage
 and the study have done from the start: the flip rule, criteria and allocations of
-`core.plan` (one implementation), BOPs from `core.groups.CouplingGraph`, the chain's own
-surgery (`prune_channels`), the iterative prune -> retrain loop, and fine-tuning.
+`core.plan` (one implementation), BOPs and surgery from `core.groups.CouplingGraph` (the one
+graph walk every model is pruned by), the iterative prune -> retrain loop, and fine-tuning.
 
 Channel counts come from the flip rule (so every criterion prunes to the same BOPs), from a
 given list (`target_channels`), or, with `target_bop_reduction`, from the global ranking.
 Surgery: the kept output channels of layer l select rows of its weight and entries of its
-BatchNorm, and input channels of the next layer; a linear layer after a flatten has its columns
-grouped (C, H*W); the classifier after the last body layer likewise. The first (float) layer is
-never pruned. The result is a fresh `BNN` whose config `channels` changed.
+BatchNorm, and input channels of the next layer (a linear layer after a flatten: its column
+groups (C, H*W)); the first (float) layer is never pruned. The result is a copy whose config
+`channels` follows its layers.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -32,7 +33,6 @@ from bnnprune.core.plan import (
     select,
 )
 from bnnprune.core.prune import PruneReport, prune
-from bnnprune.models import build_model
 from bnnprune.models.chain import BNN
 from bnnprune.pipeline.config import PruneConfig, TrainConfig
 from bnnprune.pipeline.data import Split
@@ -142,44 +142,18 @@ def check_target_channels(model: BNN, target: list[int], round_to: int = 1) -> l
 
 # ---- surgery ---------------------------------------------------------------------------------
 
-def _take_inputs(weight: torch.Tensor, keep: list[int] | None, c_prev: int) -> torch.Tensor:
-    """Keep input channels `keep` of a conv (O, C, k, k) or linear (O, C*G) weight, where a
-    linear after a flatten groups its columns (C, G) with G = H*W."""
-    if keep is None:
-        return weight
-    if weight.dim() == 4:
-        return weight[:, keep]
-    out, cols = weight.shape
-    group = cols // c_prev
-    return weight.reshape(out, c_prev, group)[:, keep].reshape(out, len(keep) * group)
-
-
-@torch.no_grad()
 def prune_channels(model: BNN, keep: dict[int, list[int]]) -> BNN:
     """A new, physically smaller BNN keeping output channels `keep[i]` of body layer i (layers
-    not in `keep` keep all), with the surviving latent weights and BN state copied in."""
-    for i, kept in keep.items():
+    not in `keep` keep all): the coupled-group surgery of `core.groups` on a copy, so the BN,
+    the next layer's inputs and the classifier's columns (after a flatten) shrink with it."""
+    for i in keep:
         if not (0 <= i < len(model.specs)) or not model.specs[i].binary:
             raise PruneError(f"layer {i} is not a binary layer; only binary layers are pruned "
                              f"(binary: {binary_blocks(model)})")
-        c = model.specs[i].out
-        if not kept or sorted(set(kept)) != list(kept) or kept[0] < 0 or kept[-1] >= c:
-            raise PruneError(f"layer {i}: kept channels {kept} must be sorted, unique, "
-                             f"non-empty and within 0..{c - 1}")
-    channels = [len(keep[i]) if i in keep else s.out for i, s in enumerate(model.specs)]
-    pruned = build_model({**model.config, "channels": channels})
-    prev: list[int] | None = None  # kept output channels of the previous layer (None: all)
-    c_prev = model.config["in_shape"][0]
-    for i, (old, new) in enumerate(zip(model.blocks, pruned.blocks, strict=True)):
-        out = keep.get(i)
-        weight = _take_inputs(old.layer.weight, prev, c_prev)
-        new.layer.weight.copy_(weight if out is None else weight[out])
-        for name, t in old.bn.state_dict().items():
-            new.bn.state_dict()[name].copy_(t if out is None or t.dim() == 0 else t[out])
-        prev, c_prev = out, model.specs[i].out
-    pruned.classifier.weight.copy_(_take_inputs(model.classifier.weight, prev, c_prev))
-    pruned.classifier.bias.copy_(model.classifier.bias)
-    pruned.train(model.training)
+    pruned = copy.deepcopy(model)
+    CouplingGraph(pruned, example_input(pruned)).apply(
+        {layer_name(i): list(kept) for i, kept in keep.items()})
+    pruned.sync_config()
     return pruned
 
 
