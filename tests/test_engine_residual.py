@@ -41,16 +41,17 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def birealnet(width: float = 0.25) -> nn.Module:
-    return randomise(build_model(model_config("birealnet", width, [1, 28, 28], 10), seed=0))
+def birealnet(width: float = 0.25, size: int = 28) -> nn.Module:
+    return randomise(build_model(model_config("birealnet", width, [1, size, size], 10), seed=0))
 
 
-def pruned_birealnet() -> nn.Module:
-    model = birealnet()
+def pruned_birealnet(width: float = 0.25, size: int = 28) -> nn.Module:
+    """Pruned by the flip rule on made-up flip counts to odd widths (6/12/27 of 8/16/32)."""
+    model = birealnet(width, size)
     g = torch.Generator().manual_seed(0)
     counts = {n: torch.randint(0, 20, m.weight.shape, generator=g)
               for n, m in binary_layers(model).items()}
-    pruned, _ = bnnprune.prune(model, torch.zeros(1, 1, 28, 28), counts, method="flip",
+    pruned, _ = bnnprune.prune(model, torch.zeros(1, 1, size, size), counts, method="flip",
                                target_bop_reduction=0.4, round_to=1, min_channels=1, seed=0)
     return pruned.eval()
 

@@ -173,26 +173,37 @@ im2col = {**ints("C", "H", "W", "OH", "OW", "NROWS", "K", "KWORDS", "KWID", "str
 gemm = {"a_ptr": "*i32", "w_ptr": "*i32", "out_ptr": "*i32", "s_ptr": "*i32", "t_ptr": "*i32",
         **ints("N", "M", "K", "KWORDS", "OUT_COLS"), "EPILOGUE": "constexpr",
         "BLOCK_N": "constexpr", "BLOCK_M": "constexpr", "BLOCK_KW": "constexpr"}
+epilogue = {"src_ptr": "*i32", **{p: "*fp32" for p in ("scale_ptr", "a1_ptr", "b1_ptr",
+            "res_ptr", "a2_ptr", "b2_ptr", "slope_ptr", "out_ptr", "nbias_ptr")},
+            "bits_ptr": "*i32", **ints("N", "M", "MWORDS"),
+            **{k: "constexpr" for k in ("HAS_RES", "RES_AFFINE", "PRELU", "WRITE_OUT",
+                                        "WRITE_BITS", "BLOCK_N", "BLOCK_W")}}
 for fn, sig, const in [
         (tk._im2col_pack_kernel, {"x_ptr": "*i32", "out_ptr": "*i32", **im2col},
          {"PACKED": True, "BLOCK_N": 32, "BLOCK_W": 4}),
         (tk._im2col_pack_kernel, {"x_ptr": "*fp32", "out_ptr": "*i32", **im2col},
          {"PACKED": False, "BLOCK_N": 32, "BLOCK_W": 4}),
-        (tk._gemm_kernel, gemm, {"EPILOGUE": 2, "BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_KW": 4})]:
+        (tk._gemm_kernel, gemm, {"EPILOGUE": 2, "BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_KW": 4}),
+        (tk._epilogue_kernel, epilogue,  # residual blocks: int32 conv outputs in, both out
+         {"HAS_RES": True, "RES_AFFINE": True, "PRELU": True, "WRITE_OUT": True,
+          "WRITE_BITS": True, "BLOCK_N": 32, "BLOCK_W": 4})]:
     names = list(sig)
     src = ASTSource(fn=fn, signature=sig,
                     constexprs={(names.index(k),): v for k, v in const.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 80, 32), options={"num_warps": 4})
-    assert kernel.asm["cubin"], fn
-    if fn is tk._gemm_kernel:
-        assert "popc" in kernel.asm["ptx"]
+    for arch in (80, 90):
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                options={"num_warps": 4})
+        assert kernel.asm["cubin"], (fn, arch)
+        if fn is tk._gemm_kernel:
+            assert "popc" in kernel.asm["ptx"]
 print("compiled")
 """
 
 
 def test_kernels_compile_for_a_gpu_target(tmp_path):
-    """Compiled mode (not the interpreter) builds PTX and a cubin for sm_80 ahead of time, with
-    triton's bundled ptxas; no GPU needed. Covers the packed-bits im2col and the bits GEMM."""
+    """Compiled mode (not the interpreter) builds PTX and a cubin for sm_80 and sm_90 ahead of
+    time, with triton's bundled ptxas; no GPU needed. Covers the packed-bits im2col, the bits
+    GEMM and the residual blocks' epilogue (float stream + packed signs)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path),
            "TRITON_DEFAULT_FP_FUSION": "1"}
     out = subprocess.run([sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True,

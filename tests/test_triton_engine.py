@@ -92,3 +92,47 @@ def test_from_model_copies_and_needs_eval():
     assert conv.words.shape == (8, tk.n_words32(3 * 3 * 8)) and conv.k == 72
     with pytest.raises(ValueError, match="eval"):
         TritonModel.from_model(model.train(), "cpu")
+
+
+@pytest.mark.parametrize("case", ["birealnet", "birealnet-pruned", "user-tiny-bireal"])
+def test_residual_engine_matches_torch(case):
+    """birealnet (baseline, pruned to odd widths) and a user's Bi-Real model: the same program
+    as the packed CPU engine, on the Triton kernels (interpreter: 8x8 images, one image)."""
+    from test_engine_residual import birealnet, pruned_birealnet, user_model
+
+    from bnnprune.engines.triton_engine import TritonResidual
+
+    model = {"birealnet": lambda: birealnet(0.25, 8),
+             "birealnet-pruned": lambda: pruned_birealnet(0.25, 8),
+             "user-tiny-bireal": user_model}[case]()
+    engine = TritonModel.from_model(model, "cpu")
+    assert isinstance(engine, TritonResidual) and engine.model is not model
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+    got = engine(x)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(1), ref.argmax(1))
+
+
+def test_residual_block_epilogue_bits_and_rows():
+    """The epilogue kernel against the formula: int32 and float rows, shortcut BN, PReLU,
+    37 channels (two 32-bit words), bits of y + nbias."""
+    g = torch.Generator().manual_seed(0)
+    n, m = 10, 37
+    vec = lambda: torch.randn(m, generator=g)  # noqa: E731
+    scale, a1, b1, a2, b2, nbias = (vec() for _ in range(6))
+    slope = torch.rand(m, generator=g)
+    src = torch.randint(-30, 30, (n, m), generator=g, dtype=torch.int32)
+    res = torch.randn(n, m, generator=g)
+    out, bits = tk.block_epilogue(src, scale, a1, b1, res, a2, b2, slope, nbias=nbias)
+    y = src.float() * scale * a1 + b1 + (res * a2 + b2)
+    y = torch.where(y > 0, y, y * slope)
+    torch.testing.assert_close(out, y)
+    want = ((y + nbias) >= 0).int()  # (N, M)
+    got = ((bits[:, torch.arange(m) // 32] >> (torch.arange(m) % 32)) & 1)  # (N, M)
+    near = (y + nbias).abs() < 1e-5
+    assert ((got != want) <= near).all()
+    out2, bits2 = tk.block_epilogue(res, torch.ones(m), torch.ones(m), torch.zeros(m),
+                                    write_out=False, nbias=nbias)
+    assert out2 is None and torch.equal(bits2[:, 0] & 1, ((res[:, 0] + nbias[0]) >= 0).int())

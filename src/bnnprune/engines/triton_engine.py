@@ -43,6 +43,7 @@ from bnnprune.engines.kernels import (
     triton_kernels as tk,  # attribute access: a reload stays visible
 )
 from bnnprune.engines.packed import LayerStep, exact_bn_sign_threshold
+from bnnprune.engines.residual import Op, Program, lower
 from bnnprune.models.chain import BNN
 
 
@@ -74,12 +75,16 @@ class TritonModel:
 
     @classmethod
     @torch.no_grad()
-    def from_model(cls, model: BNN, device: torch.device | str,
-                   fuse: bool = True) -> TritonModel:
+    def from_model(cls, model: nn.Module, device: torch.device | str,
+                   fuse: bool = True) -> TritonModel | TritonResidual:
         """Copy `model` to `device`, pack its binary weights once and fold BN + sign where the
-        next layer is binary (`fuse=False`: never, every BN runs in torch)."""
+        next layer is binary (`fuse=False`: never, every BN runs in torch). A model that is not
+        a chain `BNN` runs as a residual BNN (`TritonResidual`), or raises
+        `residual.EngineUnsupported` naming the module and op it cannot run."""
         if model.training:
             raise ValueError("TritonModel.from_model: put the model in eval mode first")
+        if not isinstance(model, BNN):
+            return TritonResidual.from_model(model, device)
         device = torch.device(device)
         model = copy.deepcopy(model).cpu()  # thresholds are read off the CPU float32 BN
         steps: list[_Step] = []
@@ -162,3 +167,77 @@ class TritonModel:
             return tk.binary_gemm_sign(a, step.words, step.k, *step.fused, packed=True)
         acc = tk.binary_gemm(a, step.words, step.k)  # (B, M) int32
         return step.block.bn(step.block.pool(acc.float()))
+
+
+class TritonResidual:
+    """A residual BNN on the Triton kernels: the program `residual.lower` makes (the packed CPU
+    engine's), with 32-bit words. Binary convs: `im2col_pack_bits` of the packed signs and the
+    XNOR-popcount GEMM -> int32; `block_epilogue` then applies scale, BatchNorm, the residual
+    add and PReLU and writes the float stream and the next conv's packed signs in one pass;
+    float convs, pools and the head run in torch on the device, channels-last."""
+
+    def __init__(self, model: nn.Module, program: Program, device: torch.device):
+        self.model = model  # a copy on the device
+        self.program = program
+        self.device = device
+        self.consts: list[dict] = []
+        for op in program.ops:
+            c: dict = {k: v.to(device) for k, v in op.params.items()}
+            if op.nbias is not None:
+                c["nbias"] = op.nbias.to(device)
+            if op.kind == "bin_conv":
+                c["words"] = tk.pack_conv_weight(op.weight.to(device))  # (Cout, K_words)
+            self.consts.append(c)
+
+    @classmethod
+    @torch.no_grad()
+    def from_model(cls, model: nn.Module, device: torch.device | str) -> TritonResidual:
+        device = torch.device(device)
+        model = copy.deepcopy(model).cpu()
+        program = lower(model)  # EngineUnsupported before anything goes to the device
+        return cls(model.to(device), program, device)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) float32 on the device -> logits (B, classes)."""
+        env: list = [None] * self.program.n_slots
+        with _full_fp32():
+            for op, c in zip(self.program.ops, self.consts, strict=True):
+                getattr(self, f"_{op.kind}")(op, c, env, x)
+        return env[self.program.out]
+
+    forward = __call__
+
+    def _input(self, op: Op, c: dict, env: list, x: torch.Tensor) -> None:
+        env[op.dst] = x.float().permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
+
+    def _float_module(self, op: Op, c: dict, env: list, x: torch.Tensor) -> None:
+        y = op.module(env[op.src].permute(0, 3, 1, 2))  # channels-last (B, C, H, W) view
+        env[op.dst] = y.permute(0, 2, 3, 1).contiguous()  # (B, OH, OW, C)
+
+    def _bin_conv(self, op: Op, c: dict, env: list, x: torch.Tensor) -> None:
+        bits = env[op.src]  # (B, H, W, Cin_words) int32
+        b, h, w, _ = bits.shape
+        cout, cin, k, _ = op.weight.shape
+        cols = tk.im2col_pack_bits(bits, cin, k, k, op.stride, op.pad)  # (B*OH*OW, K_words)
+        acc = tk.binary_gemm(cols, c["words"], k * k * cin)  # (B * OH * OW, Cout) int32
+        oh = (h + 2 * op.pad - k) // op.stride + 1
+        env[op.dst] = acc.view(b, oh, -1, cout)  # (B, OH, OW, Cout)
+
+    def _epilogue(self, op: Op, c: dict, env: list, x: torch.Tensor) -> None:
+        src = env[op.src]
+        b, h, w, m = src.shape
+        res = env[op.res].reshape(-1, m) if op.res >= 0 else None
+        out, bits = tk.block_epilogue(src.reshape(-1, m), c["scale"], c["a1"], c["b1"], res,
+                                      c.get("a2"), c.get("b2"), c.get("slope"),
+                                      write_out=op.dst >= 0, nbias=c.get("nbias"))
+        if out is not None:
+            env[op.dst] = out.view(b, h, w, m)
+        if bits is not None:
+            env[op.bits] = bits.view(b, h, w, -1)
+
+    def _mean(self, op: Op, c: dict, env: list, x: torch.Tensor) -> None:
+        env[op.dst] = env[op.src].mean(dim=(1, 2))  # (B, H, W, C) -> (B, C)
+
+    def _linear(self, op: Op, c: dict, env: list, x: torch.Tensor) -> None:
+        env[op.dst] = op.module(env[op.src])

@@ -329,3 +329,75 @@ def binary_conv2d_sign(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, t: tor
     oh, ow = _out_size(h, kh, stride, padding), _out_size(wd, kw, stride, padding)
     out = out.view(b, oh, ow, -1)  # (B, OH, OW, Cout or Cout_words)
     return out if packed else out.permute(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------------------- residual blocks
+
+
+@triton.jit
+def _epilogue_kernel(src_ptr, scale_ptr, a1_ptr, b1_ptr, res_ptr, a2_ptr, b2_ptr, slope_ptr,
+                     out_ptr, nbias_ptr, bits_ptr, N, M, MWORDS,
+                     HAS_RES: tl.constexpr, RES_AFFINE: tl.constexpr, PRELU: tl.constexpr,
+                     WRITE_OUT: tl.constexpr, WRITE_BITS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The end of a residual BNN block on channels-last rows (the CPU `block_epilogue`):
+    y = PReLU((src * scale) * a1 + b1 + [res * a2 + b2 | res]); out (N, M) float32 = y and
+    bits (N, MWORDS) int32 = packed (y + nbias >= 0), 32 channels a word."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rw = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    c = tl.program_id(1) * BLOCK_W * 32 + tl.arange(0, BLOCK_W * 32)
+    cm = c < M
+    mask = (rn[:, None] < N) & cm[None, :]  # (BLOCK_N, BLOCK_W * 32)
+    offs = rn[:, None].to(tl.int64) * M + c[None, :]
+    y = tl.load(src_ptr + offs, mask=mask, other=0).to(tl.float32)
+    y = y * tl.load(scale_ptr + c, mask=cm, other=0)[None, :]
+    y = y * tl.load(a1_ptr + c, mask=cm, other=0)[None, :] + tl.load(b1_ptr + c, mask=cm,
+                                                                     other=0)[None, :]
+    if HAS_RES:
+        r = tl.load(res_ptr + offs, mask=mask, other=0)
+        if RES_AFFINE:
+            r = r * tl.load(a2_ptr + c, mask=cm, other=0)[None, :] + tl.load(
+                b2_ptr + c, mask=cm, other=0)[None, :]
+        y = y + r
+    if PRELU:
+        y = tl.where(y > 0, y, y * tl.load(slope_ptr + c, mask=cm, other=0)[None, :])
+    if WRITE_OUT:
+        tl.store(out_ptr + offs, y, mask=mask)
+    if WRITE_BITS:
+        hit = (y + tl.load(nbias_ptr + c, mask=cm, other=0)[None, :]) >= 0
+        words = _bits_to_words((hit & mask).to(tl.int32), BLOCK_W)
+        wmask = (rn[:, None] < N) & (rw[None, :] < MWORDS)
+        tl.store(bits_ptr + rn[:, None].to(tl.int64) * MWORDS + rw[None, :], words, mask=wmask)
+
+
+_epilogue_tuned = triton.autotune(_PACK_CONFIGS, key=["N", "M", "HAS_RES", "WRITE_BITS"])(
+    _epilogue_kernel)
+
+
+def block_epilogue(src: torch.Tensor, scale: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor,
+                   res: torch.Tensor | None = None, a2: torch.Tensor | None = None,
+                   b2: torch.Tensor | None = None, slope: torch.Tensor | None = None,
+                   write_out: bool = True, nbias: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """src (N, M) int32 or float32 rows -> (out (N, M) float32 or None, bits (N, ceil(M / 32))
+    int32 of sign(out + nbias) or None), as the CPU `block_epilogue` (module doc there);
+    per-channel vectors (M,) float32 on the same device."""
+    dev = _check(src)
+    n, m = src.shape
+    mwords = n_words32(m)
+    src = src.contiguous()
+    dummy = torch.zeros(1, dtype=torch.float32, device=dev)
+    vec = lambda v: dummy if v is None else v.to(dev, torch.float32).contiguous()  # noqa: E731
+    out = torch.empty((n, m), dtype=torch.float32, device=dev) if write_out else dummy
+    bits = torch.empty((n, mwords), dtype=torch.int32, device=dev) if nbias is not None \
+        else torch.zeros(1, dtype=torch.int32, device=dev)
+    res_ = dummy if res is None else res.contiguous()
+
+    def grid(meta):
+        return triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(mwords, meta["BLOCK_W"])
+
+    _launch(_epilogue_kernel, _epilogue_tuned, _PACK_FIXED, grid, src, vec(scale), vec(a1),
+            vec(b1), res_, vec(a2), vec(b2), vec(slope), out, vec(nbias), bits, n, m, mwords,
+            HAS_RES=res is not None, RES_AFFINE=a2 is not None, PRELU=slope is not None,
+            WRITE_OUT=write_out, WRITE_BITS=nbias is not None)
+    return (out if write_out else None), (bits if nbias is not None else None)
