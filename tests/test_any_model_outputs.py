@@ -23,7 +23,7 @@ TESTS = Path(__file__).resolve().parent
 STUDY = {"methods": ["flip", "uniform_flip"], "budgets": [0.3], "seeds": [0],
          "recovery_steps": 2, "batch_size": 32, "channel_samples": 3, "sensitivity_images": 50,
          "bootstrap": 200}
-PRUNE = {"tau": 0, "min_channels": 4, "round_to": 4}
+PRUNE = {"tau": 0, "min_channels": 4, "round_to": 4, "target_bop_reduction": None}  # the flip rule
 GROUPS = ["blocks.0.conv", "blocks.2.conv", "blocks.4.conv"]  # birealnet: one per stage
 USER = {"arch": "usermodels.tiny_bireal:build", "kwargs": {"width": 16},
         "binary": ["usermodels.tiny_bireal:MyBinaryConv"]}

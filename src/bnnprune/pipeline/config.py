@@ -146,7 +146,7 @@ class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=2, lr=0.001, flip_window=1))
+        default_factory=lambda: TrainConfig(epochs=3, lr=0.001, flip_window=1))
     prune: PruneConfig = field(default_factory=PruneConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
