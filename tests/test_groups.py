@@ -168,8 +168,9 @@ def test_apply_removes_the_channels_not_kept():
 
 class Gated(nn.Module):
     """A binary layer that is not a Conv2d / Linear: weight (out, in), a per-output scale
-    parameter, a frozen per-output parameter, a per-output buffer, a scalar parameter and a
-    parameter of another length, and the width attributes of both kinds."""
+    parameter, a frozen per-output parameter, a per-output buffer, scalar and other-length
+    parameters and buffers, a submodule with per-output tensors, and the width attributes of
+    both kinds."""
 
     def __init__(self):
         super().__init__()
@@ -179,6 +180,11 @@ class Gated(nn.Module):
         self.register_buffer("mask", torch.tensor([1.0, 2.0, 3.0, 4.0]))
         self.temperature = nn.Parameter(torch.tensor(2.0))
         self.pair = nn.Parameter(torch.ones(2))
+        self.register_buffer("step", torch.tensor(7))
+        self.register_buffer("history", torch.arange(6.0))
+        self.child = nn.Module()  # a submodule's tensors are its own business
+        self.child.gain = nn.Parameter(torch.ones(4))
+        self.child.register_buffer("seen", torch.zeros(4))
         self.out_channels = self.out_features = 4
         self.in_channels = self.in_features = 3
 
@@ -192,6 +198,8 @@ def test_binary_weight_pruner_slices_every_per_output_tensor():
     assert layer.frozen.tolist() == [10.0, 12.0] and not layer.frozen.requires_grad
     assert layer.mask.tolist() == [1.0, 3.0] and "mask" in dict(layer.named_buffers())
     assert layer.temperature.item() == 2.0 and layer.pair.shape == (2,)
+    assert layer.step.item() == 7 and layer.history.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert layer.child.gain.shape == layer.child.seen.shape == (4,)
     assert (layer.out_channels, layer.out_features) == (2, 2)
     assert pruner.prune_in_channels(layer, [0]) is layer
     assert layer.weight.tolist() == [[1.0, 2.0], [7.0, 8.0]]

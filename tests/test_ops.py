@@ -92,7 +92,7 @@ def test_rows_by_name_and_the_default_input():
     ops = count_ops(model)
     assert ops.row("blocks.2.layer")["out_channels"] == 16
     assert ops.to_dict() == {"layers": ops.layers, "total": ops.total}
-    with pytest.raises(KeyError, match=r"no counted layer 'blocks.9.layer'; layers: "
+    with pytest.raises(KeyError, match=r'^"no counted layer' r" 'blocks.9.layer'; layers: "
                                        r"\['blocks.0.layer', 'blocks.1.layer'"):
         ops.row("blocks.9.layer")
     x = example_input(model)

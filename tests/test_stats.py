@@ -28,7 +28,7 @@ def test_mean_ci_of_two_values_and_of_one():
     ci = mean_ci([3, 5])  # sd sqrt(2), half = 12.7062 * sqrt(2) / sqrt(2)
     assert (ci["lo"], ci["hi"]) == pytest.approx((4 - T975_1, 4 + T975_1))
     assert mean_ci([7.5]) == {"mean": 7.5, "sd": None, "lo": None, "hi": None, "n": 1}
-    with pytest.raises(ValueError, match="mean_ci of no values"):
+    with pytest.raises(ValueError, match="^mean_ci of no values$"):
         mean_ci([])
 
 
@@ -62,9 +62,12 @@ def test_paired_difference_verdicts():
     assert paired_difference(a, {0: 0.0, 1: 1.1, 2: 1.9})["verdict"] == "a"  # diffs ~1, sd 0.1
     assert paired_difference({0: 0.0, 1: 1.1, 2: 1.9}, a)["verdict"] == "b"
     assert paired_difference(a, {0: 2.0, 1: 2.0, 2: 2.0})["verdict"] == "none"  # -1, 0, 1
+    # the level reaches the interval: diffs -1, 0, 1 (sd 1): at 50%, 0 +- 0.8165 / sqrt(3)
+    half = paired_difference(a, {0: 2.0, 1: 2.0, 2: 2.0}, level=0.5)
+    assert half["hi"] == pytest.approx(0.816497 / math.sqrt(3), abs=1e-5)
     one = paired_difference({3: 1.0}, {3: 0.0, 4: 1.0})
     assert (one["n"], one["lo"], one["verdict"], one["seeds"]) == (1, None, "none", [3])
-    with pytest.raises(ValueError, match="no seed in common"):
+    with pytest.raises(ValueError, match="^paired_difference: no seed in common$"):
         paired_difference({0: 1.0}, {1: 1.0})
 
 
