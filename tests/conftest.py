@@ -1,9 +1,12 @@
+import fcntl
 import gzip
 import os
 import shutil
 import struct
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +108,17 @@ def tiny_params(params: dict) -> dict:
     return params
 
 
+def project_env(root: Path, tracking_uri: str | None = None) -> dict:
+    """The environment the stages of the project copy `root` run with: this interpreter's
+    tools first, MLflow tracking to `tracking_uri` (default: the project's own mlflow.db)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": tracking_uri or f"sqlite:///{root / 'mlflow.db'}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("DVC_EXP_NAME", None)
+    return env
+
+
 def copy_project(root: Path, **override) -> tuple[Path, dict]:
     """A committed copy of the repo (tracked + new files) with tiny params, and its env."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
@@ -120,29 +134,205 @@ def copy_project(root: Path, **override) -> tuple[Path, dict]:
         shutil.copy2(cache, root / cache.relative_to(REPO))
     params = merge(tiny_params(yaml.safe_load((root / "params.yaml").read_text())), override)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "GIT_AUTHOR_NAME": "t",
-           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    env.pop("DVC_EXP_NAME", None)
+    env = project_env(root)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         sh(cmd, root, env)
     return root, env
 
 
-@pytest.fixture(scope="session")
-def e2e_project(tmp_path_factory):
-    """One real `dvc repro` of the whole pipeline on tiny synthetic data, in a committed copy
-    of the repo: the most expensive set-up of the suite, shared by test_pipeline and
-    test_reliability's queued experiments (which may add experiments to it; the test that
-    changes the workspace, test_pipeline's `dvc exp run`, is the last of test_pipeline).
-    The prune rule is loosened (tau 0, floor 2 channels) so that the tiny network really
-    shrinks and export/benchmark/report measure a pruned model. MLflow tracks to a database
-    outside the project (as with a tracking server), which leaves the project's default
-    `mlflow.db` to the queued experiments. Under pytest-xdist each worker builds its own (a
-    session fixture is per process); a worker runs its tests in collection order, so
-    test_faults still copies the project before test_pipeline's `dvc exp run` changes it."""
-    root, env = copy_project(tmp_path_factory.mktemp("e2e") / "repo",
-                             prune={"tau": 0, "min_channels": 2})
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root.parent / 'tracking.db'}"
+# --- the shared end-to-end project -----------------------------------------------------------
+# One real `dvc repro` of the whole pipeline on tiny synthetic data (~2 CPU-minutes), built once
+# per session for every pytest-xdist worker: the first worker whose collected tests use
+# `e2e_project` starts the build in a background process as its session begins (so both workers
+# go on with other tests meanwhile), under a lock in the folder the workers share; the tests get
+# copies of the finished build (a copytree: seconds), never the build itself.
+
+E2E_OVERRIDE = {"prune": {"tau": 0, "min_channels": 2}}
+E2E_WAIT = 1800  # s: only a bound; the wait ends when the build does
+
+
+def build_e2e(folder: Path) -> None:
+    """The build itself: `folder`/repo, tracked to `folder`/tracking.db (outside the project,
+    as with a tracking server, which leaves the project's default `mlflow.db` to the queued
+    experiments). The prune rule is loosened (tau 0, floor 2 channels) so that the tiny network
+    really shrinks and export/benchmark/report measure a pruned model."""
+    root, env = copy_project(folder / "repo", **E2E_OVERRIDE)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'tracking.db'}"
     sh(["dvc", "repro"], root, env)
-    return root, env
+
+
+def shared_folder(tmp_path_factory) -> Path:
+    """The session's temporary folder that every xdist worker sees (each worker's own
+    basetemp is a `popen-gwN` folder inside it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextmanager
+def locked(path: Path):
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def start_e2e_build(shared: Path) -> subprocess.Popen | None:
+    """Start the build in the background unless a worker already has."""
+    folder = shared / "e2e"
+    with locked(shared / "e2e.lock"):
+        if folder.exists():
+            return None
+        folder.mkdir()
+        log = open(folder / "build.log", "w")  # the child's: closed here once it has it
+        code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+                "import conftest; folder = Path(sys.argv[2])\n"
+                "try:\n    conftest.build_e2e(folder); status = '0'\n"
+                "except BaseException as e:\n    print(e, flush=True); status = '1'\n"
+                "(folder / 'status.tmp').write_text(status)\n"
+                "(folder / 'status.tmp').rename(folder / 'status')")
+        proc = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent),
+                                 str(folder)], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTEST_XDIST_WORKER": ""})
+        log.close()
+        (folder / "pid").write_text(str(proc.pid))
+        return proc
+
+
+def alive(pid: int) -> bool:
+    try:  # a zombie (ended, not yet reaped by the worker that started it) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def wait_e2e_build(shared: Path) -> Path:
+    folder = shared / "e2e"
+    status, deadline = folder / "status", time.time() + E2E_WAIT
+    while not status.exists():
+        assert time.time() < deadline, f"the e2e build in {folder} did not end in {E2E_WAIT} s"
+        pid = folder / "pid"
+        if pid.exists() and not alive(int(pid.read_text())) and not status.exists():
+            raise AssertionError(f"the e2e build in {folder} was killed:\n"
+                                 + (folder / "build.log").read_text()[-6000:])
+        time.sleep(0.5)
+    assert status.read_text() == "0", (folder / "build.log").read_text()[-6000:]
+    return folder / "repo"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _e2e_build_in_background(request, tmp_path_factory):
+    """Starts the shared build at the session's first test when a collected test needs it."""
+    proc = None
+    if any({"e2e_project", "e2e_build"} & set(getattr(item, "fixturenames", ()))
+           for item in request.session.items):
+        proc = start_e2e_build(shared_folder(tmp_path_factory))
+    yield
+    if proc is not None:
+        proc.wait()
+
+
+def copy_e2e(build: Path, root: Path) -> tuple[Path, dict]:
+    """A copy of the finished build at `root` with its own copy of the tracking database
+    (`root`/../tracking.db), and its env. The MLflow runs keep the artifact folder of the build
+    (`build`/mlruns), which stays as it is: the copies only read it or add new runs' files."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(build, root, symlinks=True)
+    shutil.copy2(build.parent / "tracking.db", root.parent / "tracking.db")
+    return root, project_env(root, f"sqlite:///{root.parent / 'tracking.db'}")
+
+
+@pytest.fixture(scope="session")
+def e2e_build(tmp_path_factory) -> Path:
+    """The project folder of the one finished build (read only: copy it with `copy_e2e`)."""
+    shared = shared_folder(tmp_path_factory)
+    start_e2e_build(shared)  # when no collected test asked for it (a test run by its id)
+    return wait_e2e_build(shared)
+
+
+@pytest.fixture(scope="session")
+def e2e_project(e2e_build, tmp_path_factory) -> tuple[Path, dict]:
+    """This worker's copy of the finished end-to-end project: every stage of `dvc repro` run,
+    tracked to ../tracking.db. The tests read it and run DVC commands that change nothing
+    (status, a no-op repro, `bnnprune check` into a copy of the database); a test that changes
+    the project or its database works on a copy of its own (`copy_e2e`)."""
+    return copy_e2e(e2e_build, tmp_path_factory.mktemp("e2e") / "repo")
+
+
+# --- spreading the suite over the pytest-xdist workers ----------------------------------------
+# A work unit is a module (its module fixtures set up once, on one worker), except in the
+# modules of SPLIT, whose tests are units of their own: they are few and long, and share nothing
+# costlier than a copy. The units go out longest first (estimated CPU seconds below, measured
+# 2026-12-06; a unit not listed counts 1 s per test), to whichever worker is free, so that the
+# short ones even out the end. Those that wait for the shared e2e build come after the long ones
+# that do not, which keep both workers busy while it runs in the background.
+
+SPLIT = {"tests/test_faults.py", "tests/test_any_model_outputs.py", "tests/test_pipeline.py",
+         "tests/test_reliability.py", "tests/test_dvc_remote.py", "tests/test_registry.py",
+         "tests/test_ddp.py", "tests/test_tracking.py"}
+COST = {  # unit -> estimated CPU seconds on an idle core
+    "tests/test_any_model_outputs.py::test_birealnet_runs_the_whole_pipeline": 120,
+    "tests/test_any_model_outputs.py::test_a_users_model_runs_the_whole_pipeline": 110,
+    "tests/test_ddp.py::test_torchrun_two_processes_train_resume_after_kill": 60,
+    "tests/test_kernels_triton.py": 60, "tests/test_kernels_cpu.py": 40, "tests/test_api.py": 35,
+    "tests/test_export.py": 30, "tests/test_study.py": 30, "tests/test_benchmark.py": 30,
+    "tests/test_report.py": 20, "tests/test_triton_engine.py": 20, "tests/test_engine.py": 15,
+    "tests/test_study_any_model.py": 15, "tests/test_engine_residual.py": 15,
+    "tests/test_distill.py": 10, "tests/test_prune.py": 20, "tests/test_gate.py": 10,
+    "tests/test_reliability.py::test_sigkill_mid_training_then_rerun_resumes_and_completes_one"
+    "_mlflow_run": 40,
+    "tests/test_reliability.py::test_same_params_and_seed_give_identical_metrics_files": 30,
+    "tests/test_reliability.py::test_queued_experiments_run_in_parallel_and_all_reach_mlflow": 60,
+    "tests/test_server.py": 90,
+    "tests/test_faults.py::test_tracking_server_killed_mid_stage_keeps_the_work_and_backfills": 60,
+    "tests/test_dvc_remote.py::test_push_then_fresh_clone_pull_and_repro_runs_nothing": 30,
+    "tests/test_pipeline.py::test_exp_run_with_override_shows_in_exp_show": 30,
+    "tests/test_registry.py::test_report_registers_candidate_and_check_promotes_champion": 15,
+    "tests/test_mlflow_store.py": 15,
+}
+COST.update({f"tests/test_faults.py::{name}": 20 for name in (
+    "test_stage_killed_with_sigkill_keeps_outputs",
+    "test_full_disk_keeps_outputs_or_checkout_restores_them[models]",
+    "test_full_disk_keeps_outputs_or_checkout_restores_them[reports]",
+    "test_nan_loss_keeps_the_finetuned_outputs",
+    "test_checkpoint_of_the_wrong_architecture_keeps_the_pruned_outputs")})
+
+
+def unit_of(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    return nodeid if module in SPLIT else module
+
+
+def pytest_collection_modifyitems(config, items):
+    """Orders the units longest first (see above); a unit's own tests keep their order."""
+    units: dict[str, list] = {}
+    for item in items:
+        units.setdefault(unit_of(item.nodeid), []).append(item)
+
+    def cost(unit: str) -> float:
+        return COST.get(unit, len(units[unit]))
+
+    def waits_for_e2e(unit: str) -> bool:
+        return any({"e2e_project", "e2e_build"} & set(item.fixturenames) for item in units[unit])
+
+    ahead = sorted((u for u in units if not waits_for_e2e(u) and cost(u) >= 30), key=cost,
+                   reverse=True)
+    rest = sorted((u for u in units if u not in ahead), key=cost, reverse=True)
+    items[:] = [item for unit in ahead + rest for item in units[unit]]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's loadscope scheduler with `unit_of`'s units, taken in collection order,
+    for the default `--dist load` (another `--dist` given on the command line is kept)."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class UnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid)
+
+    config.option.loadscopereorder = False  # the collection's order, set above
+    return UnitScheduling(config, log)

@@ -1,6 +1,5 @@
-"""DVC remote round trip on the shared tiny pipeline (conftest's e2e_project; this file runs
-before test_pipeline, whose last test changes that project): one person
-commits and `dvc push`es to a local-directory default remote; a fresh clone `dvc pull`s and
+"""DVC remote round trip on (a copy of) the shared tiny pipeline (conftest's e2e_project): one
+person commits and `dvc push`es to a local-directory default remote; a fresh clone `dvc pull`s and
 `dvc repro` runs nothing; a changed param makes only the stages that depend on it stale."""
 
 import json

@@ -27,7 +27,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import merge, sh, write_idx
+from conftest import copy_e2e, merge, sh, write_idx
 
 COMPARED = ("models", "reports", "data/prepared")
 
@@ -58,15 +58,12 @@ def assert_failed_and_intact(proc, root, before, error):
     assert checksums(root) == before
 
 
-@pytest.fixture(scope="module")
-def finished(e2e_project, tmp_path_factory):
+@pytest.fixture(scope="session")
+def finished(e2e_build, tmp_path_factory):
     """The finished end-to-end project (every stage run), copied with its tracking database
-    and its results committed."""
-    src, env = e2e_project
-    root = tmp_path_factory.mktemp("finished") / "repo"
-    shutil.copytree(src, root, symlinks=True)
-    shutil.copy2(src.parent / "tracking.db", root.parent / "tracking.db")
-    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root.parent / 'tracking.db'}"}
+    and its results committed. Session-scoped: the tests of this module are spread over the
+    workers and between other tests (conftest's SPLIT), and each worker makes it once."""
+    root, env = copy_e2e(e2e_build, tmp_path_factory.mktemp("finished") / "repo")
     sh(["git", "add", "-A"], root, env)
     sh(["git", "commit", "-qm", "results"], root, env)
     assert "up to date" in sh(["dvc", "status"], root, env).stdout

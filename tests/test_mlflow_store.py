@@ -5,6 +5,8 @@ runs table as the UI shows it: a model-training experiment, the summary run name
 configuration with the prepared dataset as input and the pruned model as output, a run for
 every stage."""
 
+import shutil
+
 import mlflow
 import numpy as np
 import pytest
@@ -74,8 +76,12 @@ def test_every_metric_name_follows_the_naming_rule(store):
 
 
 def test_failed_runs_carry_their_error(store, tmp_path, monkeypatch):
-    """Every FAILED run has an `error` tag; one is produced here (a stage that raises)."""
-    _, client, experiment, _ = store
+    """Every FAILED run has an `error` tag; one is produced here (a stage that raises), in a
+    copy of the store (the shared one is left to the other tests as the pipeline wrote it)."""
+    root, _, _, _ = store
+    shutil.copy2(root.parent / "tracking.db", tmp_path / "tracking.db")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'tracking.db'}")
+    experiment = client.get_experiment_by_name("bnnprune").experiment_id
     monkeypatch.chdir(tmp_path)  # stage_run's state file
     monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
     with pytest.raises(RuntimeError):

@@ -1,5 +1,5 @@
 """End to end: the real `dvc repro` on tiny synthetic data, in a temporary copy of the repo
-(the session fixture `e2e_project` in conftest.py, shared with test_reliability)."""
+(conftest's `e2e_build`, built once per session; `e2e_project` is this worker's copy)."""
 
 import json
 import sys
@@ -9,7 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, sh
+from conftest import REPO, copy_e2e, sh
 
 
 def stage_runs(env):
@@ -48,12 +48,13 @@ def test_second_repro_is_a_no_op(e2e_project):
     assert json.loads(sh(["dvc", "status", "--json"], root, env).stdout) == {}
 
 
-def test_outputs_name_no_folder_of_the_machine(e2e_project):
+def test_outputs_name_no_folder_of_the_machine(e2e_project, e2e_build):
     """What the pipeline writes (ONNX models, data card, reports, plot data) and what its
     finished MLflow runs record (params, tags, dataset inputs) name paths relative to the
-    project: not the folder it ran in, nor this checkout's or the environment's."""
+    project: not the folder it ran in (the build's; this is a copy of it), nor this checkout's
+    or the environment's."""
     root, env = e2e_project
-    folders = [str(p) for p in (root.parent, REPO, Path(sys.prefix))]
+    folders = [str(p) for p in (e2e_build.parent, root.parent, REPO, Path(sys.prefix))]
     files = [root / "data/prepared/card.json", *root.glob("models/*.onnx"),
              *(p for ext in ("json", "csv", "md") for p in root.glob(f"reports/**/*.{ext}"))]
     assert len([p for p in files if p.suffix == ".onnx"]) == 2
@@ -65,11 +66,12 @@ def test_outputs_name_no_folder_of_the_machine(e2e_project):
     assert not [(stage, v) for stage, v in records for f in folders if f in v]
 
 
-def test_exp_run_with_override_shows_in_exp_show(e2e_project):
+def test_exp_run_with_override_shows_in_exp_show(e2e_build, tmp_path):
     """`dvc exp run -S` in the workspace (the README's first example), up to the stage the
     override invalidates: the override reaches the stage, DVC records the experiment, and the
-    stage's MLflow run is tagged with the experiment's name. Changes the workspace: last."""
-    root, env = e2e_project
+    stage's MLflow run is tagged with the experiment's name. Changes the workspace: in a copy
+    of its own."""
+    root, env = copy_e2e(e2e_build, tmp_path / "repo")
     out = sh(["dvc", "exp", "run", "-n", "one-epoch", "-S", "train.epochs=1", "train"],
              root, env).stdout
     assert "Running stage 'train'" in out and "Running stage 'prepare'" not in out

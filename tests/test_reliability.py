@@ -12,7 +12,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import copy_project, sh
+from conftest import copy_e2e, copy_project, sh
 
 PY = sys.executable
 EPOCHS = 6  # long enough (1500 images) that the kill test can land between two epochs
@@ -29,11 +29,12 @@ def runs(env, stage_name):
             if r.data.tags.get("stage") == stage_name]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
     """A committed project copy with data/prepared/ written and an MLflow database that has
     its schema but no runs. Creating the schema takes seconds of migrations: paid once here
-    (in a separate process, while `prepare` runs untracked) instead of once per test."""
+    (in a separate process, while `prepare` runs untracked) instead of once per test.
+    Session-scoped: this module's tests are spread over the workers (conftest's SPLIT)."""
     root, env = copy_project(tmp_path_factory.mktemp("prepared") / "repo",
                              data={"subset": {"train": 1500, "val": 50, "test": 50}},
                              train={"epochs": EPOCHS})
@@ -121,12 +122,12 @@ def test_unreachable_mlflow_stops_before_work_unless_opted_out(project):
     assert (root / "data/prepared/card.json").exists()
 
 
-def test_queued_experiments_run_in_parallel_and_all_reach_mlflow(e2e_project):
-    """Two experiments queued in the end-to-end project run at once (`-j 2`) in DVC's
-    temporary copies, with the project's default tracking URI and no MLflow database yet:
+def test_queued_experiments_run_in_parallel_and_all_reach_mlflow(e2e_build, tmp_path):
+    """Two experiments queued in (a copy of) the end-to-end project run at once (`-j 2`) in
+    DVC's temporary copies, with the project's default tracking URI and no MLflow database yet:
     both create it at the same moment, and every run must land in the project's database,
     not in the temporary copies."""
-    root, env = e2e_project
+    root, env = copy_e2e(e2e_build, tmp_path / "repo")
     env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}  # the project default
     db = root / "mlflow.db"
     assert not db.exists()  # the e2e runs were tracked elsewhere

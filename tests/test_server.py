@@ -56,7 +56,7 @@ TRACKED = ["train", "export", "report"]  # params + metrics, logged model, summa
 
 
 def test_tiny_pipeline_logs_to_the_postgres_backed_server(server, e2e_project, tmp_path):
-    """The shared tiny pipeline (conftest's e2e_project, built once per session), copied; its
+    """The shared tiny pipeline (conftest's e2e_build, built once per session), copied; its
     training, export and report stages re-run (`dvc repro -f -s`) against the server."""
     uri, server_env = server
     root = tmp_path / "repo"
@@ -80,7 +80,7 @@ def test_tiny_pipeline_logs_to_the_postgres_backed_server(server, e2e_project, t
     by_stage = {r.data.tags["stage"]: r for r in runs}
     train = json.loads((root / "reports/metrics/train.json").read_text())
     train_run = by_stage["train"]
-    # the params this copy has (test_pipeline's last test may have set train.epochs to 1)
+    # the params this copy has
     epochs = yaml.safe_load((root / "params.yaml").read_text())["train"]["epochs"]
     assert train_run.data.params["train.epochs"] == str(epochs)
     assert train_run.data.metrics["test_acc"] == pytest.approx(train["test_acc"])
