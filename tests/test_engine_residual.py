@@ -123,6 +123,9 @@ def test_structure_packs_in_the_producers_epilogue():
     engine = PackedResidual.from_model(model)
     kinds = [op.kind for op in engine.program.ops]
     assert kinds.count("bin_conv") == 6 and kinds.count("epilogue") == 7  # stem + 6 blocks
+    floats = [(op.layer, op.pool) for op in engine.program.ops if op.kind == "float_conv"]
+    assert floats == [("stem.0", 1), ("blocks.2.shortcut.1", 2), ("blocks.4.shortcut.1", 2)]
+    assert "float_module" not in kinds  # the shortcuts' AvgPool fused into their 1x1 convs
     for op in engine.program.ops:
         if op.kind == "epilogue" and op.bits >= 0:
             assert op.src != 0 and op.layer is not None  # never a pack of the model input

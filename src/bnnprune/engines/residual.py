@@ -18,9 +18,10 @@ engine (`triton_engine.TritonResidual`). What it runs:
 - the conv's per-output-channel scale (`output_scale()`), BatchNorm, the float residual add
   (identity, or a shortcut's BatchNorm folded in), PReLU (or ReLU): all in that epilogue, in
   float32 and in torch's order of operations;
-- float convs (the stem, AvgPool + 1x1 downsample shortcuts) and average pools: torch on
-  channels-last tensors (zero-copy views of the engine's (B, H, W, C) arrays), their
-  BatchNorm / PReLU in the epilogue; the head (global average + linear) in torch.
+- float convs (the stem, AvgPool + 1x1 downsample shortcuts, the pool fused into the 1x1 conv):
+  numba on channels-last rows (`cpu.float_conv_rows`), their BatchNorm / PReLU in the
+  epilogue; other pools and convs torch on channels-last tensors (zero-copy views of the
+  engine's (B, H, W, C) arrays); the head (global average + linear) in torch.
 A binary layer is accepted only after a probe shows it computes conv(sign(x) padded with +1,
 sign(W)) [x a per-channel `output_scale()`] (project's `BinaryConv2d`, `ScaledBinaryConv2d`, or
 a user's class, e.g. tests/usermodels/tiny_bireal.py's). Anything else (a module, function or
@@ -64,7 +65,7 @@ class EngineUnsupported(ValueError):
 class Op:
     """One step of a lowered model. `layer`: the `count_ops` row its time counts to; slots
     index the program's values (set at run time)."""
-    kind: str  # input | float_module | bin_conv | epilogue | mean | flatten | linear
+    kind: str  # input | float_module | float_conv | bin_conv | epilogue | mean | linear
     layer: str | None
     src: int = -1
     dst: int = -1
@@ -73,6 +74,7 @@ class Op:
     weight: torch.Tensor | None = None
     stride: int = 1
     pad: int = 0
+    pool: int = 1  # float_conv: average-pool the input pool x pool first (a shortcut's AvgPool)
     # epilogue: y = PReLU((src * scale) * a1 + b1 + (res * a2 + b2 | res)); out dst, bits
     params: dict[str, torch.Tensor] = field(default_factory=dict)  # scale a1 b1 a2 b2 slope
     res: int = -1
@@ -116,6 +118,13 @@ class _Signed:
     """sign(value + bias): read only by binary convs."""
     value: Any
     bias: torch.Tensor  # (C,)
+
+
+@dataclass
+class _Pooled:
+    """AvgPool2d(pool) of a float map, left to the 1x1 conv that alone reads it."""
+    value: _Mat
+    pool: int
 
 
 @dataclass
@@ -206,6 +215,23 @@ def _affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     if bn.bias is not None:
         beta = beta + bn.bias
     return alpha.float().detach().clone(), beta.float().detach().clone()
+
+
+def _plain_conv(m: nn.Conv2d) -> bool:
+    """A square, undilated, ungrouped, zero-padded conv with one stride and padding (what
+    `cpu.float_conv_rows` runs)."""
+    return (m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+            and m.dilation == (1, 1) and m.kernel_size[0] == m.kernel_size[1]
+            and m.stride[0] == m.stride[1] and m.padding[0] == m.padding[1])
+
+
+def _pool_size(m: nn.Module) -> int:
+    """k of an AvgPool2d(k) with stride k, no padding, floor mode; else 0."""
+    if not isinstance(m, nn.AvgPool2d) or m.ceil_mode or m.divisor_override:
+        return 0
+    vals = [v if isinstance(v, tuple) else (v, v) for v in (m.kernel_size, m.stride, m.padding)]
+    k, st, pd = vals
+    return k[0] if k[0] == k[1] and st == k and pd == (0, 0) else 0
 
 
 def arch_name(model: nn.Module) -> str:
@@ -412,13 +438,29 @@ class _Lowering:
         if isinstance(m, nn.Conv2d):
             if m.groups != 1 or m.padding_mode != "zeros":
                 raise self.fail(node, "a grouped or non-zero-padded float conv")
+            pool = 1
+            if isinstance(v, _Pooled):
+                v, pool = v.value, v.pool
             x = self.mat(v, src)
             out = self.slot()
-            self.emit(Op("float_module", name, src=x.slot, dst=out, module=m))
+            if _plain_conv(m):  # numba, channels-last rows (the AvgPool before it fused in)
+                self.emit(Op("float_conv", name, src=x.slot, dst=out, module=m,
+                             stride=m.stride[0], pad=m.padding[0], pool=pool))
+            else:
+                if pool > 1:  # cannot happen: _Pooled is only made for a plain 1x1 conv
+                    raise self.fail(node, "a pooled input to a conv the engine cannot fuse")
+                self.emit(Op("float_module", name, src=x.slot, dst=out, module=m))
             ones = torch.ones(m.out_channels)
             return _Expr(node, out, name, {"scale": ones}, channels=m.out_channels)
         if isinstance(m, nn.AvgPool2d | nn.MaxPool2d):
             x = self.mat(v, src)
+            users = list(node.users)
+            pool = _pool_size(m)
+            if (pool and len(users) == 1 and users[0].op == "call_module"
+                    and isinstance(conv := self.modules[users[0].target], nn.Conv2d)
+                    and _plain_conv(conv) and conv.kernel_size == (1, 1)
+                    and conv.stride == (1, 1) and conv.padding == (0, 0)):
+                return _Pooled(x, pool)
             out = self.slot()
             self.emit(Op("float_module", None, src=x.slot, dst=out, module=m))
             return _Mat(out, 4, x.channels)
@@ -542,6 +584,9 @@ class PackedResidual:
         for op in program.ops:  # per-op constants in the kernels' layouts, once
             if op.kind == "bin_conv":
                 op.buffers["weight"] = cpu.pack_conv_weight(op.weight.numpy())
+            if op.kind == "float_conv":
+                op.buffers["weight"] = _np(op.module.weight)
+                op.buffers["bias"] = _np(op.module.bias)
             if op.kind == "epilogue":
                 op.buffers["vec"] = {k: _np(v) for k, v in op.params.items()}
                 op.buffers["nbias"] = _np(op.nbias)
@@ -575,6 +620,18 @@ class PackedResidual:
     def _float_module(self, op: Op, env: list, x: torch.Tensor) -> None:
         y = op.module(_nhwc(env[op.src]))  # channels-last in, channels-last out
         env[op.dst] = y.permute(0, 2, 3, 1).contiguous().numpy()  # (B, OH, OW, C), no copy
+
+    def _float_conv(self, op: Op, env: list, x: torch.Tensor) -> None:
+        src = env[op.src]  # (B, H, W, Cin)
+        b, h, w, _ = src.shape
+        m = op.module
+        k = m.kernel_size[0]
+        oh = (h // op.pool + 2 * op.pad - k) // op.stride + 1
+        ow = (w // op.pool + 2 * op.pad - k) // op.stride + 1
+        out = op.buffer("out", (b * oh * ow, m.out_channels), np.float32)
+        cpu.float_conv_rows(src, op.buffers["weight"], op.buffers["bias"], op.stride, op.pad,
+                            op.pool, out)
+        env[op.dst] = out.reshape(b, oh, ow, -1)
 
     def _bin_conv(self, op: Op, env: list, x: torch.Tensor) -> None:
         xc = env[op.src]  # (B, H, W, Cin_words) uint64

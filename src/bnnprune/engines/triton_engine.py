@@ -215,6 +215,13 @@ class TritonResidual:
         y = op.module(env[op.src].permute(0, 3, 1, 2))  # channels-last (B, C, H, W) view
         env[op.dst] = y.permute(0, 2, 3, 1).contiguous()  # (B, OH, OW, C)
 
+    def _float_conv(self, op: Op, c: dict, env: list, x: torch.Tensor) -> None:
+        h = env[op.src].permute(0, 3, 1, 2)  # channels-last (B, C, H, W) view
+        if op.pool > 1:
+            h = torch.nn.functional.avg_pool2d(h, op.pool)
+        y = op.module(h)
+        env[op.dst] = y.permute(0, 2, 3, 1).contiguous()  # (B, OH, OW, C)
+
     def _bin_conv(self, op: Op, c: dict, env: list, x: torch.Tensor) -> None:
         bits = env[op.src]  # (B, H, W, Cin_words) int32
         b, h, w, _ = bits.shape

@@ -807,3 +807,77 @@ def block_epilogue(src: np.ndarray, scale: np.ndarray, a1: np.ndarray, b1: np.nd
              _buffer(bits, (n, n_words(m)), np.uint64))
     return _block_epilogue(np.ascontiguousarray(src), vec(scale), vec(a1), vec(b1), res_,
                            vec(a2), vec(b2), vec(slope), out_, vec(nbias), bits_)
+
+
+FLOAT_ROWS = 16  # output pixels per task of `float_conv_rows`
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def _float_conv_rows(x, wt, bias, k, stride, pad, pool, out):
+    """Float conv on channels-last rows: x (B, H, W, Cin) float32 -> out (B * OH * OW, Cout),
+    zero padding; with pool > 1 the input is first average-pooled pool x pool (stride pool,
+    no padding: an AvgPool2d + 1x1 conv shortcut in one pass). wt (k * k * Cin, Cout) tap-major,
+    bias (Cout,). Per output pixel the Cout sums are one contiguous row (vectorised); fastmath
+    lets them use fused multiply-adds (the order differs from torch's anyway)."""
+    b, h, w, cin = x.shape
+    if pool > 1:
+        h, w = h // pool, w // pool
+    oh = (h + 2 * pad - k) // stride + 1
+    ow = (w + 2 * pad - k) // stride + 1
+    cout = wt.shape[1]
+    n = b * oh * ow
+    inv = np.float32(1.0 / (pool * pool))
+    for task in prange((n + FLOAT_ROWS - 1) // FLOAT_ROWS):
+        v = np.empty(cin, np.float32)
+        for p in range(task * FLOAT_ROWS, min(n, (task + 1) * FLOAT_ROWS)):
+            bi, rem = p // (oh * ow), p % (oh * ow)
+            oy, ox = rem // ow, rem % ow
+            acc = out[p]
+            for j in range(cout):
+                acc[j] = bias[j]
+            for i in range(k):
+                iy = oy * stride + i - pad
+                if iy < 0 or iy >= h:
+                    continue
+                for jj in range(k):
+                    ix = ox * stride + jj - pad
+                    if ix < 0 or ix >= w:
+                        continue
+                    if pool > 1:
+                        v[:] = 0
+                        for u in range(pool):
+                            for t in range(pool):
+                                src = x[bi, iy * pool + u, ix * pool + t]
+                                for c in range(cin):
+                                    v[c] += src[c]
+                        for c in range(cin):
+                            v[c] *= inv
+                    else:
+                        v[:] = x[bi, iy, ix]
+                    base = (i * k + jj) * cin
+                    for c in range(cin):
+                        xv = v[c]
+                        wr = wt[base + c]
+                        for j in range(cout):  # vectorised over output channels
+                            acc[j] += xv * wr[j]
+    return out
+
+
+def float_conv_rows(x: np.ndarray, weight: Array, bias: Array | None, stride: int = 1,
+                    padding: int = 0, pool: int = 1, out: np.ndarray | None = None
+                    ) -> np.ndarray:
+    """Float conv (zero padding, square kernel, groups 1) of channels-last x (B, H, W, Cin),
+    optionally after a pool x pool average pool -> (B * OH * OW, Cout) float32 rows.
+    weight (Cout, Cin, k, k) as nn.Conv2d keeps it."""
+    wn = as_numpy(weight).astype(np.float32)
+    cout, cin, k, _ = wn.shape
+    b, h, w, c = x.shape
+    if c != cin:
+        raise ValueError(f"input has {c} channels, the weight {cin}")
+    h, w = h // pool, w // pool
+    n = b * ((h + 2 * padding - k) // stride + 1) * ((w + 2 * padding - k) // stride + 1)
+    wt = np.ascontiguousarray(wn.transpose(2, 3, 1, 0).reshape(k * k * cin, cout))
+    bn = np.zeros(cout, np.float32) if bias is None else np.ascontiguousarray(
+        as_numpy(bias), np.float32)
+    return _float_conv_rows(np.ascontiguousarray(x, np.float32), wt, bn, k, stride, padding,
+                            pool, _buffer(out, (n, cout), np.float32))
