@@ -277,15 +277,10 @@ def bireal(width):
 def bireal_result():
     """birealnet baseline and a narrower one: the packed engine runs them (residual blocks),
     side by side with torch float and (stand-in) onnxruntime sessions at every batch size."""
-    from bnnprune.pipeline import export
-
     models = {"baseline": bireal(0.25), "pruned": bireal(0.125)}
     sessions = {n: FakeSession(m) for n, m in models.items()}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(export, "session", lambda path, threads, spinning: sessions[path])
-        res = benchmark.run_benchmark(models, torch.randn(20, 1, 28, 28), batch_size=8,
-                                      threads=1, warmup=1, repeats=2, batch_sizes=[1, 8],
-                                      onnx={"baseline": "baseline", "pruned": "pruned"})
+    res = benchmark.run_benchmark(models, torch.randn(20, 1, 28, 28), batch_size=8, threads=1,
+                                  warmup=1, repeats=2, batch_sizes=[1, 8], onnx=sessions)
     return res, sessions
 
 

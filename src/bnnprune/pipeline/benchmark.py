@@ -25,12 +25,12 @@ block they cannot run raises `EngineUnsupported` naming the module and op, and h
 are then skipped with that reason (`skipped`, and `unsupported_model: true` in their `backends`
 entry) and only torch float (and onnxruntime) is timed; no per-layer table, no engine checks.
 
-onnxruntime: given the exported ONNX files (`onnx`: {"baseline": path, "pruned": path}), their
-sessions (`export.session`, no spinning, `threads` threads) are timed in the same interleaved
-rounds as torch float and the engines, at every batch size (the graph takes [0, 1] images and
-normalises inside; it is fed the normalised batch, which costs the same). `engine_vs` holds, per
-batch size and model, the packed engine's speed over torch float and over onnxruntime (ratio of
-the medians and of the minimums of the same rounds).
+onnxruntime: given sessions of the exported models (`onnx`: {"baseline": session, "pruned":
+session}, made with `export.session(path, threads, spinning=False)`), they are timed in the same
+interleaved rounds as torch float and the engines, at every batch size (the graph takes [0, 1]
+images and normalises inside; it is fed the normalised batch, which costs the same).
+`engine_vs` holds, per batch size and model, the packed engine's speed over torch float and over
+onnxruntime (ratio of the medians and of the minimums of the same rounds).
 
 Per layer (`layers`): every timed packed-engine call also clocks each layer (`engine(x, times)`:
 stem, binary blocks with their im2col / pooling / packing, and the head + classifier as
@@ -222,16 +222,12 @@ def run_benchmark(models: dict[str, nn.Module], images: torch.Tensor, batch_size
     cannot run it is skipped with the reason its `from_model` gives); images: normalised
     float32 (N, C, H, W), the first `batch_size` are timed; `check_images` (default `images`)
     are run through both torch and each engine that ran to count prediction mismatches;
-    `batch_sizes`: the whole-model latency table (`by_batch`) at these too; `onnx`: the models'
-    ONNX files, timed with onnxruntime in the same rounds. Thread counts are restored
-    afterwards."""
+    `batch_sizes`: the whole-model latency table (`by_batch`) at these too; `onnx`: onnxruntime
+    sessions of the models (`export.session(path, threads, spinning=False)`), timed in the same
+    rounds. Thread counts are restored afterwards."""
     saved = torch.get_num_threads(), numba.get_num_threads()
     try:
-        sessions = {}
-        if onnx:
-            from bnnprune.pipeline.export import session  # export imports this module
-
-            sessions = {name: session(onnx[name], threads, spinning=False) for name in models}
+        sessions = dict(onnx or {})
         result, engines = _run(models, images, batch_size, threads, warmup, repeats,
                                check_images, sessions)
         result["by_batch"] = by_batch(models, engines, images, batch_sizes or [batch_size],
