@@ -6,28 +6,15 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from bnnprune.core.binary import BinaryLayerError
-from bnnprune.core.flips import FlipsError
-from bnnprune.models import CheckpointError, ModelError
-from bnnprune.pipeline.config import ConfigError
-from bnnprune.pipeline.data import DataError
-from bnnprune.pipeline.export import ExportError
-from bnnprune.pipeline.pruning import PruneError
-from bnnprune.pipeline.tracking import TrackingError
-from bnnprune.pipeline.train import TrainingError
-from bnnprune.reports.gate import GateError
-from bnnprune.reports.report import ReportError
-
-USER_ERRORS = (ConfigError, DataError, FlipsError, CheckpointError, PruneError, TrackingError,
-               TrainingError)
-USER_ERRORS += (ExportError, GateError, ReportError, ModelError, BinaryLayerError)
+from bnnprune.core.errors import UserError
 
 
 def run_stage(main: Callable[[], object]) -> None:
-    """Run a stage's main(); a user error becomes one clear line on stderr and exit code 2."""
+    """Run a stage's main(); a user error becomes one clear line on stderr and exit code 2.
+    (Nothing heavy is imported here: a stage loads only what it uses.)"""
     try:
         main()
-    except USER_ERRORS as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnnprune.core.errors import UserError
+
 
 class SignSTE(torch.autograd.Function):
     """sign(x) in {-1, +1} (0 -> +1); gradient passed where |x| <= 1 (hard-tanh STE)."""
@@ -76,7 +78,7 @@ Binary = Sequence[type[nn.Module] | str] | None
 qualified module names (as `model.named_modules()` gives them)."""
 
 
-class BinaryLayerError(ValueError):
+class BinaryLayerError(UserError, ValueError):
     """A `binary` selection that finds no layer, or a layer that is not a binary layer."""
 
 

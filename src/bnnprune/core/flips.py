@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from bnnprune.core.binary import Binary, binary_layers
+from bnnprune.core.errors import UserError
 
 
 class FlipCounter:
@@ -112,7 +113,7 @@ class FlipCounter:
         }
 
 
-class FlipsError(ValueError):
+class FlipsError(UserError, ValueError):
     pass
 
 

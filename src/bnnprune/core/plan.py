@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bnnprune.core.errors import UserError
 from bnnprune.core.ops import reduction_pct
 
 CRITERIA = ("flip", "latent", "random")
@@ -37,7 +38,7 @@ Scores = list[tuple[float, float]]
 Bops = Callable[[dict], int]
 
 
-class PruneError(ValueError):
+class PruneError(UserError, ValueError):
     """A pruning request that cannot be met; the message names the value and what is allowed."""
 
 

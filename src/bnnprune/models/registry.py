@@ -21,17 +21,18 @@ import torch
 from torch import nn
 
 from bnnprune.core.binary import binary_layers
+from bnnprune.core.errors import UserError
 from bnnprune.core.files import save_torch
 from bnnprune.models import birealnet, chain
 
 BUILTIN = (*chain.ARCHS, "birealnet")
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model config that cannot be built; the message names the value and what is allowed."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     pass
 
 

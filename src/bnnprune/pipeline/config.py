@@ -12,8 +12,10 @@ from typing import Any, Literal
 
 import yaml
 
+from bnnprune.core.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad value in params.yaml: the message names the key, the value and what is allowed."""
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bnnprune.core.errors import UserError
 from bnnprune.core.files import load_json, save_json
 from bnnprune.pipeline.config import DataConfig
 
@@ -41,7 +42,7 @@ IDX_FILES = {
 SPLITS = ("train", "val", "test")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A missing, truncated or malformed dataset file, or an unusable dataset."""
 
 

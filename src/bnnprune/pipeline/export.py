@@ -49,6 +49,7 @@ from bnnprune.core.binary import (
     binarize,
     binary_layers,
 )
+from bnnprune.core.errors import UserError
 from bnnprune.core.files import write_atomic
 from bnnprune.core.ops import count_ops
 from bnnprune.engines.timing import time_interleaved
@@ -60,7 +61,7 @@ INPUT, OUTPUT = "images", "logits"
 BATCH_AXIS = "batch"
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An ONNX file that is missing, not ONNX, or not a model with this project's contract."""
 
 

@@ -66,6 +66,7 @@ from mlflow.entities import (  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient, fluent  # noqa: E402
 
+from bnnprune.core.errors import UserError
 from bnnprune.core.files import load_json, save_json, write_atomic  # noqa: E402
 from bnnprune.pipeline.config import flat_dict  # noqa: E402
 
@@ -83,7 +84,7 @@ METRIC_NAME = re.compile(r"(?!.*(?:^|[/_])(?:seconds|secs?)(?:$|[/_]))(?!.*(?:^|
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     pass
 
 

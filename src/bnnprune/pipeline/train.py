@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from bnnprune.core.binary import clip_latent_weights
+from bnnprune.core.errors import UserError
 from bnnprune.core.files import save_torch
 from bnnprune.core.flips import FlipCounter
 from bnnprune.models.chain import BNN
@@ -38,7 +39,7 @@ from bnnprune.pipeline.data import Split, normalize
 from bnnprune.pipeline.tracking import layer_segment, project_path
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     pass
 
 

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bnnprune.core.errors import UserError
 from bnnprune.pipeline.config import GateConfig, load_params
 from bnnprune.reports.thresholds import CHECKS, CPU_BACKEND, Check  # noqa: F401
 
 
-class GateError(ValueError):
+class GateError(UserError, ValueError):
     """A summary file that is missing or malformed (not a regression: it cannot be judged)."""
 
 

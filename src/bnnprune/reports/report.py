@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from bnnprune.core.errors import UserError
 from bnnprune.core.files import load_json, save_csv, save_json, write_atomic
 from bnnprune.core.ops import count_ops, reduction_pct
 from bnnprune.models import load_checkpoint
@@ -44,7 +45,7 @@ INPUTS = {
 }
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A missing or malformed input of the report stage."""
 
 
