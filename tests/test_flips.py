@@ -1,3 +1,5 @@
+import datetime
+
 import pytest
 import torch
 from torch import nn
@@ -201,7 +203,9 @@ def test_interval_counts_and_an_unreadable_flips_file(tmp_path):
         interval_counts(flips, "last")
     for no_tail in ({**flips, "tail_observations": 0}, {"counts": {}, "tail_counts": {}}):
         with pytest.raises(FlipsError, match=r"^flip interval 'tail': the baseline was trained "
-                                             r"without a tail \(train.tail_epochs: 0\)"):
+                                             r"without a tail \(train.tail_epochs: 0\); "
+                                             r"allowed: set train.tail_epochs >= 1, or use the "
+                                             r"interval 'window'$"):
             interval_counts(no_tail, "tail")
     garbage = tmp_path / "flips.pt"
     garbage.write_bytes(b"not a torch file")
@@ -210,3 +214,13 @@ def test_interval_counts_and_an_unreadable_flips_file(tmp_path):
     no_counts = save_torch(tmp_path / "other.pt", {"weights": torch.zeros(1)})
     with pytest.raises(FlipsError, match=r"other.pt: not a bnnprune flips file \(KeyError"):
         load_flips(no_counts, Tiny())
+
+
+def test_a_flips_file_is_never_unpickled_beyond_tensors_and_containers(tmp_path):
+    model = Tiny()
+    flips = FlipCounter(model).export({"arch": "tiny"}, 1)
+    flips["made_on"] = datetime.date(2026, 1, 1)  # any object beyond tensors needs full pickle
+    path = save_torch(tmp_path / "flips.pt", flips)
+    with pytest.raises(FlipsError, match=r"flips.pt: not a bnnprune flips file "
+                                         r"\(UnpicklingError: Weights only load failed"):
+        load_flips(path, model)

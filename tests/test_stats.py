@@ -108,3 +108,6 @@ def test_spearman_ci_gives_no_interval_when_most_resamples_are_constant():
     # only x's odd one out needs drawing: P = 1 - (19/20)^20 = 0.64 > 1/2
     some = spearman_ci(x, [float(i) for i in range(20)], resamples=200, seed=2)  # 136 usable
     assert some["lo"] is not None and some["lo"] <= some["hi"]
+    # every pair can be drawn, the first one too: only x's first value varies here
+    first = spearman_ci(x[::-1], [float(i) for i in range(20)], resamples=200, seed=2)
+    assert first["lo"] is not None and first["lo"] <= first["hi"]
