@@ -108,6 +108,11 @@ def test_spearman_ci_gives_no_interval_when_most_resamples_are_constant():
     # only x's odd one out needs drawing: P = 1 - (19/20)^20 = 0.64 > 1/2
     some = spearman_ci(x, [float(i) for i in range(20)], resamples=200, seed=2)  # 136 usable
     assert some["lo"] is not None and some["lo"] <= some["hi"]
+    # exactly half the resamples usable is enough: of 4 resamples of 2 pairs, seed 2 draws
+    # both pairs (rho 1) in 2
+    half = spearman_ci([0.0, 1.0], [0.0, 1.0], resamples=4, seed=2)
+    assert (half["lo"], half["hi"]) == pytest.approx((1.0, 1.0))
+    assert spearman_ci([0.0, 1.0], [0.0, 1.0], resamples=4, seed=0)["lo"] is None  # 1 of 4
     # every pair can be drawn, the first one too: only x's first value varies here
     first = spearman_ci(x[::-1], [float(i) for i in range(20)], resamples=200, seed=2)
     assert first["lo"] is not None and first["lo"] <= first["hi"]
