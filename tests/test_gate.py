@@ -76,8 +76,11 @@ def test_speedup_is_judged_on_minimum_latencies_not_medians(files):
 
 def test_gate_defaults_apply_to_unset_thresholds(files):
     results = gate.evaluate(GOOD, GateConfig())
-    assert [r.threshold for r in results] == [0.85, 2.0, 20.0, 1.10]
-    assert check(files, GOOD, {}) == 0
+    assert [r.threshold for r in results] == [0.90, 0.5, 50.0, 1.15]  # the default's headline
+    headline = {**GOOD, "pruned": {"test_acc": 0.905}, "acc_drop_pt": 0.29,
+                "reduction": {**GOOD["reduction"], "bops_pct": 51.9}}
+    assert check(files, headline, {}) == 0
+    assert check(files, GOOD, {}) == 1  # -35% BOPs at -1 pt: below the default's bar
 
 
 def test_gate_defaults_are_the_thresholds_of_params_yaml():

@@ -136,10 +136,10 @@ class BenchmarkConfig:
 
 @dataclass(frozen=True)
 class GateConfig:
-    min_test_acc: float = field(default=0.85, metadata=_range(0.0, 1.0))
-    max_acc_drop_pt: float = field(default=2.0, metadata=_range(None, 100.0))
-    min_bops_reduction_pct: float = field(default=20.0, metadata=_range(None, 100.0))
-    min_speedup_cpu: float = field(default=1.10, metadata=_range(0.0))
+    min_test_acc: float = field(default=0.90, metadata=_range(0.0, 1.0))
+    max_acc_drop_pt: float = field(default=0.5, metadata=_range(None, 100.0))
+    min_bops_reduction_pct: float = field(default=50.0, metadata=_range(None, 100.0))
+    min_speedup_cpu: float = field(default=1.15, metadata=_range(0.0))
 
 
 @dataclass(frozen=True)
