@@ -1,8 +1,8 @@
-"""benchmark: latency / throughput of the baseline and the pruned fine-tuned model per backend
-(torch float, packed CPU engine; Triton CUDA skipped with a reason when unavailable), and the
-packed engine's prediction parity with torch on the full test set. A model the engines cannot
-run (not a chain BNN: birealnet, a user's model) is timed in torch float only, the engines
-recorded as skipped with the reason."""
+"""benchmark: latency / throughput of the baseline and the pruned fine-tuned model per backend,
+side by side in interleaved rounds (torch float, onnxruntime on the exported models, the packed
+CPU engine; Triton CUDA skipped with a reason when unavailable), and the packed engine's
+prediction parity with torch on the full test set. A model the engines cannot run is timed on
+the others, the engines recorded as skipped with the module and op that stopped them."""
 
 import hashlib
 from pathlib import Path
@@ -19,10 +19,12 @@ from bnnprune.pipeline.benchmark import (
 )
 from bnnprune.pipeline.config import as_dict, load_params
 from bnnprune.pipeline.data import load_prepared, normalize
+from bnnprune.pipeline.export import session
 from bnnprune.pipeline.tracking import log_artifacts, log_metrics, stage_run
 from bnnprune.pipeline.train import fingerprint
 
 MODELS = {"baseline": "models/baseline.pt", "pruned": "models/finetuned.pt"}
+ONNX = {"baseline": "models/baseline.onnx", "pruned": "models/model.onnx"}
 METRICS, PLOT = "reports/metrics/benchmark.json", "reports/plots/benchmark_latency.csv"
 
 
@@ -37,11 +39,13 @@ def main() -> None:
     splits, card = load_prepared("data/prepared")
     test = normalize(splits["test"].images, card["mean"], card["std"])
     groups = {"benchmark": cfg}
-    digest = fingerprint(as_dict(cfg), {n: file_digest(p) for n, p in MODELS.items()})
+    digest = fingerprint(as_dict(cfg), {p: file_digest(p) for p in [*MODELS.values(),
+                                                                    *ONNX.values()]})
+    sessions = {n: session(p, cfg.threads, spinning=False) for n, p in ONNX.items()}
     with stage_run("benchmark", groups, digest):
         result = run_benchmark(models, test, cfg.batch_size, cfg.threads, cfg.warmup,
-                               cfg.repeats, batch_sizes=cfg.latency_batch_sizes)
-        result["model_paths"] = MODELS
+                               cfg.repeats, batch_sizes=cfg.latency_batch_sizes, onnx=sessions)
+        result["model_paths"] = {n: [MODELS[n], ONNX[n]] for n in MODELS}
         save_json(METRICS, result)
         save_csv(PLOT, latency_rows(result))
         log_metrics(flat_metrics(result))
