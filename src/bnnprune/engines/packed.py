@@ -50,6 +50,7 @@ from bnnprune.core.binary import BinaryConv2d, BinaryLinear
 from bnnprune.engines.kernels import cpu
 from bnnprune.engines.kernels.pack import n_words
 from bnnprune.engines.residual import PackedResidual
+from bnnprune.engines.residual import bn_affine as residual_bn_affine
 from bnnprune.models.chain import BNN
 
 
@@ -135,16 +136,10 @@ def _channel_masks(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pack(inc), pack(dec)
 
 
-@torch.no_grad()
 def bn_affine(bn: nn.Module) -> tuple[np.ndarray, np.ndarray]:
-    """Eval-mode BatchNorm as `y * alpha + beta` per channel, folded as torch folds it (float32)."""
-    alpha = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        alpha = alpha * bn.weight
-    beta = -bn.running_mean * alpha
-    if bn.bias is not None:
-        beta = beta + bn.bias
-    return alpha.float().numpy().copy(), beta.float().numpy().copy()
+    """`residual.bn_affine` as numpy arrays (float32) for the chain kernels."""
+    alpha, beta = residual_bn_affine(bn)
+    return alpha.numpy(), beta.numpy()
 
 
 def _stem_params(step: _Step) -> tuple | None:

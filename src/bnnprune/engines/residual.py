@@ -206,8 +206,9 @@ def _is_add(node: fx.Node) -> bool:
 
 
 @torch.no_grad()
-def _affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BatchNorm as y * alpha + beta (float32), folded as torch folds it."""
+def bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as y * alpha + beta per channel (float32), folded as torch folds it
+    (the one place the engines fold a BatchNorm)."""
     alpha = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
         alpha = alpha * bn.weight
@@ -465,7 +466,7 @@ class _Lowering:
             self.emit(Op("float_module", None, src=x.slot, dst=out, module=m))
             return _Mat(out, 4, x.channels)
         if isinstance(m, nn.BatchNorm2d):
-            alpha, beta = _affine(m)
+            alpha, beta = bn_affine(m)
             if isinstance(v, _Expr) and v.plain and single and v.op is None:
                 v.params = {**v.params, "a1": alpha, "b1": beta}
                 v.node = node
