@@ -55,7 +55,9 @@ def test_each_run_records_the_params_it_ran_with(store):
         run = by_stage(runs, stage)[0].data.params
         assert run["prune.criterion"] == params["prune"]["criterion"], stage
         assert float(run["prune.tau"]) == 0, stage
-        assert run["prune.target_bop_reduction"] == "null"  # not Python's "None"
+        assert float(run["prune.target_bop_reduction"]) == params["prune"]["target_bop_reduction"]
+    for stage in ("validate", "prepare"):  # the e2e project reads no data.root
+        assert by_stage(runs, stage)[0].data.params["data.root"] == "null"  # not "None"
     cells = [r for r in runs if "study.method" in r.data.tags]
     assert len(cells) == 4
     for cell in cells:  # a cell selects channels by its method, not by prune.criterion
