@@ -1,4 +1,3 @@
-import fcntl
 import gzip
 import os
 import shutil
@@ -6,13 +5,14 @@ import struct
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+
+from bnnprune.core.files import file_lock
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 REPO = Path(__file__).resolve().parents[1]
@@ -168,20 +168,10 @@ def shared_folder(tmp_path_factory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-@contextmanager
-def locked(path: Path):
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def start_e2e_build(shared: Path) -> subprocess.Popen | None:
     """Start the build in the background unless a worker already has."""
     folder = shared / "e2e"
-    with locked(shared / "e2e.lock"):
+    with file_lock(shared / "e2e.lock"):
         if folder.exists():
             return None
         folder.mkdir()

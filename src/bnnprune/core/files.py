@@ -1,11 +1,14 @@
-"""Atomic file writes: a failed or interrupted stage never leaves a half-written output."""
+"""Atomic file writes (a failed or interrupted stage never leaves a half-written output) and
+an inter-process file lock."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +56,16 @@ def save_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     keys = list(rows[0])
     lines = [",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]
     return write_atomic(path, lambda p: p.write_text("\n".join(lines) + "\n"))
+
+
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created if missing) across processes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

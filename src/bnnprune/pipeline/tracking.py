@@ -32,7 +32,6 @@ A run that ends FAILED carries its error: tag `error` (type and message) and the
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -67,7 +66,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient, fluent  # noqa: E402
 
 from bnnprune.core.errors import UserError
-from bnnprune.core.files import load_json, save_json, write_atomic  # noqa: E402
+from bnnprune.core.files import file_lock, load_json, save_json, write_atomic  # noqa: E402
 from bnnprune.pipeline.config import flat_dict  # noqa: E402
 
 EXPERIMENT = os.environ.get("BNNPRUNE_EXPERIMENT", "bnnprune")
@@ -154,14 +153,8 @@ def _sqlite_creation_lock(uri: str) -> Iterator[None]:
     if not uri.startswith("sqlite:///"):
         yield
         return
-    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(uri.removeprefix("sqlite:///") + ".lock"):
+        yield
 
 
 def ensure_experiment(retries: int = 3) -> str:
