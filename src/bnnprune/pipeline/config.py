@@ -92,7 +92,7 @@ METHODS = ("flip", "flip_tail", "latent", "flip_random", "uniform_random", "unif
 
 @dataclass(frozen=True)
 class StudyConfig:
-    budgets: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7],
+    budgets: list[float] = field(default_factory=lambda: [0.5],
                                  metadata=_range(0.0, 1.0, True, True))  # BOP reductions
     methods: list[Literal[METHODS]] = field(  # type: ignore[valid-type]
         default_factory=lambda: ["flip", "latent", "flip_random", "uniform_random"])
