@@ -44,7 +44,6 @@ class FlipCounter:
         self._epoch = {n: torch.zeros_like(c) for n, c in self.counts.items()}
         self._epoch_obs = 0
 
-    @torch.no_grad()
     def observe(self) -> None:
         for n, m in self.layers.items():
             cur = m.weight.detach() >= 0

@@ -191,7 +191,6 @@ class CouplingGraph:
         return self.group_tensors(name, {n: m.weight.detach()
                                          for n, m in self.binaries.items()})
 
-    @torch.no_grad()
     def apply(self, keep: dict[str, list[int]]) -> None:
         """Remove every channel of group g not in keep[g] (group channel indices), in place."""
         for name, kept in keep.items():
@@ -208,4 +207,5 @@ class CouplingGraph:
                 continue
             layer, out_fn = self._tp_roots[name]
             root = group.writers[name]
-            self.dg.get_pruning_group(layer, out_fn, idxs=[root[j] for j in gone]).prune()
+            with torch.no_grad():
+                self.dg.get_pruning_group(layer, out_fn, idxs=[root[j] for j in gone]).prune()

@@ -69,7 +69,6 @@ def example_input(model: nn.Module) -> torch.Tensor:
     return torch.zeros(1, *config["in_shape"])
 
 
-@torch.no_grad()
 def count_ops(model: nn.Module, example_inputs: torch.Tensor | tuple | None = None,
               binary: Binary = None) -> OpCount:
     """Count BOPs, FLOPs and size of `model` by running it once on `example_inputs` (a batch;
@@ -113,7 +112,8 @@ def count_ops(model: nn.Module, example_inputs: torch.Tensor | tuple | None = No
     was_training = model.training
     try:
         model.eval()
-        model(*inputs)
+        with torch.no_grad():
+            model(*inputs)
     finally:
         model.train(was_training)
         for h in handles:

@@ -241,7 +241,6 @@ class FlipImportance:
         self.by_module = {id(m): n for n, m in layers.items()}
         self.tau = tau
 
-    @torch.no_grad()
     def __call__(self, group: Any) -> torch.Tensor | None:
         root = [int(i) for i in group.items[0].root_idxs]
         at = {r: j for j, r in enumerate(root)}  # root channel -> position in the answer
