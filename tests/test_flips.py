@@ -224,3 +224,13 @@ def test_a_flips_file_is_never_unpickled_beyond_tensors_and_containers(tmp_path)
     with pytest.raises(FlipsError, match=r"flips.pt: not a bnnprune flips file "
                                          r"\(UnpicklingError: Weights only load failed"):
         load_flips(path, model)
+
+
+def test_a_weight_of_exactly_zero_at_construction_counts_as_positive():
+    # sign(0) is +1 in the forward pass, so 0.0 -> -0.5 is a flip and 0.0 -> 0.5 is not
+    model = Tiny()
+    set_weights(model, [0.0, 0.0, -0.5])
+    counter = FlipCounter(model)
+    set_weights(model, [-0.5, 0.5, 0.0])
+    counter.step()
+    assert counter.counts["fc"].tolist() == [[1, 0, 1]]

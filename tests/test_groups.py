@@ -200,6 +200,7 @@ def test_binary_weight_pruner_slices_every_per_output_tensor():
     assert layer.temperature.item() == 2.0 and layer.pair.shape == (2,)
     assert layer.step.item() == 7 and layer.history.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     assert layer.child.gain.shape == layer.child.seen.shape == (4,)
+    assert not [name for name in vars(layer) if "." in name]  # no stray copies of them
     assert (layer.out_channels, layer.out_features) == (2, 2)
     assert pruner.prune_in_channels(layer, [0]) is layer
     assert layer.weight.tolist() == [[1.0, 2.0], [7.0, 8.0]]

@@ -81,6 +81,8 @@ def test_flip_keep_is_round_c_times_one_minus_p():
     assert flip_keep(10, 1.0, 2) == 2
     assert flip_keep(64, 0.3, 8, 8) == 48  # 44.8 = 5.6 blocks -> 6
     assert flip_allocation({"a": 10, "b": 64}, {"a": 0.35, "b": 0.3}, 1, 1) == {"a": 7, "b": 45}
+    # round(32 * 0.7) = 22.4 goes to the nearest multiple of round_to 8
+    assert flip_allocation({"a": 32}, {"a": 0.3}, 1, 8) == {"a": 24}
 
 
 def test_check_round_to():
@@ -197,6 +199,19 @@ def test_global_ranking_in_blocks_of_round_to():
     # a block of 2 goes once 2 of a group's channels are ranked: a0, b0 (nothing yet),
     # a2 -> a = 2 (140), b1 -> b = 2 (80, 50%)
     assert global_keep_counts(widths, SCORES, 0.3, small_bops, 1, 2) == {"a": 2, "b": 2}
+
+
+def test_global_ranking_gives_up_a_block_only_once_round_to_channels_are_ranked():
+    widths = {"a": 16, "b": 16}
+    count = lambda w: w.get("a", 16) + w.get("b", 16)  # noqa: E731
+    # ranked: b0-b4, then a0-a7. Five of b's channels are not a block of 8: b keeps 16; the
+    # eighth of a's takes a to 8 (24, 25% fewer)
+    scores = {"a": [(0.8, 0.0)] * 8 + [(0.0, 0.0)] * 8,
+              "b": [(0.9, 0.0)] * 5 + [(0.0, 0.0)] * 11}
+    assert global_keep_counts(widths, scores, 0.25, count, 1, 8) == {"a": 8, "b": 16}
+    # the floor is min_channels 3 rounded up to a block: a stops at 8, then b gives 8 (50%)
+    first_a = {"a": [(1.0, 0.0)] * 16, "b": [(0.0, 0.0)] * 16}
+    assert global_keep_counts(widths, first_a, 0.5, count, 3, 8) == {"a": 8, "b": 8}
 
 
 def test_global_ranking_ties_go_to_the_earlier_group_and_lower_channel():
