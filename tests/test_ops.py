@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnnprune.core.binary import BINARY_LAYERS
+from bnnprune.core.binary import BINARY_LAYERS, BinaryLinear
 from bnnprune.core.ops import count_ops, example_input, reduction_pct
 from bnnprune.models import build_model, model_config
 from bnnprune.models.chain import ARCHS
@@ -111,3 +111,53 @@ def test_reduction_pct_in_percent():
     assert reduction_pct(4, 5) == -25.0
     assert reduction_pct(0, 5) == 0.0
     assert reduction_pct(3, 3) == 0.0
+
+
+def test_every_field_of_every_row_by_hand():
+    rows = count_ops(build_model(CNN), (torch.zeros(3, 1, 28, 28),)).to_dict()["layers"]
+
+    def row(name, kind, module, cin, cout, macs, weights, floats):
+        binary = module.startswith("Binary")
+        return {"name": name, "kind": kind, "binary": binary, "module": module,
+                "in_channels": cin, "out_channels": cout, "bops": macs if binary else 0,
+                "flops": 0 if binary else macs, "binary_params": weights if binary else 0,
+                "float_params": floats, "ops": macs / 64 if binary else float(macs),
+                "size_bits": weights if binary else 32 * floats}
+
+    expected = [row("blocks.0.layer", "conv", "Conv2d", 1, 8, 28 * 28 * 8 * 9, 72, 72)]
+    shapes = [(8, 8, 28), (8, 16, 14), (16, 16, 14), (16, 32, 7), (32, 32, 7)]
+    for i, (cin, cout, hw) in enumerate(shapes, start=1):
+        expected.append(row(f"blocks.{i}.layer", "conv", "BinaryConv2d", cin, cout,
+                            hw * hw * cout * cin * 9, cout * cin * 9, 0))
+    expected.append(row("classifier", "linear", "Linear", 288, 10, 2880, 2880, 2890))
+    assert rows == expected
+    for r in rows:  # counts are whole numbers: a float here is a division that should not be
+        assert all(type(r[k]) is int for k in ("bops", "flops", "binary_params", "float_params"))
+
+
+class Gate(nn.Module):
+    """A user's binary layer holding a float submodule: the submodule is part of the binary
+    layer, not a float layer of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4, 6))
+        self.mix = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.mix(torch.sign(x) @ torch.sign(self.weight).t())
+
+
+def test_a_float_module_inside_a_binary_layer_is_not_counted_apart():
+    model = nn.Sequential(Gate(), nn.Linear(4, 2))
+    rows = count_ops(model, torch.zeros(2, 6), binary=[Gate]).layers
+    assert [(r["name"], r["bops"], r["flops"]) for r in rows] == [("0", 24, 0), ("1", 0, 8)]
+
+
+def test_a_layer_that_runs_twice_is_refused_by_name():
+    fc = BinaryLinear(3, 3)
+    model = nn.Sequential(fc, nn.ReLU(), fc)
+    with pytest.raises(ValueError, match=r"^layer '0' ran twice in one forward pass; count_ops "
+                                         r"counts each layer once: shared layers are not "
+                                         r"supported$"):
+        count_ops(model, torch.zeros(1, 3))
