@@ -7,9 +7,12 @@ Crafted counts (tau 0: a weight that flipped at all is insensitive):
            p = (54 + 27) / 270 = 0.3, keep round(5 * 0.7) = round(3.5) = 4 (halves up)
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from test_groups import Chain, X, chain_bops, chain_graph
+from torch import nn
 
 from bnnprune.core.flips import FlipCounter
 from bnnprune.core.plan import METHODS, Method, PruneError, method_of
@@ -236,3 +239,32 @@ def test_flip_importance_knows_its_layers():
     with pytest.raises(PruneError, match=r"^FlipImportance: pass a FlipCounter, or its .counts "
                                          r"with model=$"):
         FlipImportance(counts)
+
+
+def fake_group(*items):
+    """A Torch-Pruning group as FlipImportance reads it: items of (module, handler, root
+    channels, channels), and the graph's test for an output-channel handler."""
+    return SimpleNamespace(
+        items=[SimpleNamespace(root_idxs=root, idxs=idxs,
+                               dep=SimpleNamespace(target=SimpleNamespace(module=module),
+                                                   handler=handler))
+               for module, handler, root, idxs in items],
+        _DG=SimpleNamespace(is_out_channel_pruning_fn=lambda handler: handler == "out"))
+
+
+def test_flip_importance_sums_every_binary_writer_of_a_group_by_hand():
+    model = nn.ModuleDict({"a": nn.Linear(2, 3, bias=False), "b": nn.Linear(2, 3, bias=False),
+                           "f": nn.Linear(2, 3)})
+    counts = {"a": torch.tensor([[2, 0], [1, 1], [0, 0]]),
+              "b": torch.tensor([[0, 0], [0, 0], [5, 5]])}
+    imp = FlipImportance(counts, tau=1, model=model)
+    group = fake_group((model["a"], "out", [0, 1, 2], [0, 1, 2]),
+                       (model["f"], "out", [7, 8, 9], [0, 1, 2]),  # float: not counted
+                       (model["b"], "in", [0, 1, 2], [0, 1]),      # reads: not counted
+                       (model["b"], "out", [2, 1, 0], [2, 1, 0]))  # writes, in another order
+    # a channel's score: -(share of its weights with count > tau + 1e-3 * mean / (1 + mean));
+    # a: ch0 -(1/2 + 1e-3 * 1/2), ch1 -(0 + 1e-3 * 1/2) (1 is not > tau 1), ch2 0;
+    # b adds -(1 + 1e-3 * 5/6) to ch2
+    expected = [-(0.5 + 0.5e-3), -0.5e-3, -(1 + 1e-3 * 5 / 6)]
+    assert imp(group).tolist() == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert imp(fake_group((model["f"], "out", [0, 1, 2], [0, 1, 2]))) is None
