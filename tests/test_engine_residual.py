@@ -125,7 +125,11 @@ def test_structure_packs_in_the_producers_epilogue():
     assert kinds.count("bin_conv") == 6 and kinds.count("epilogue") == 7  # stem + 6 blocks
     floats = [(op.layer, op.pool) for op in engine.program.ops if op.kind == "float_conv"]
     assert floats == [("stem.0", 1), ("blocks.2.shortcut.1", 2), ("blocks.4.shortcut.1", 2)]
-    assert "float_module" not in kinds  # the shortcuts' AvgPool fused into their 1x1 convs
+    # the shortcuts' AvgPool fused into their 1x1 convs; only the head's pool runs in torch,
+    # then flatten(1) in torch's (C, H, W) order and the linear layer
+    assert [op.module for op in engine.program.ops if op.kind == "float_module"] == [
+        model.head.pool]
+    assert kinds[-3:] == ["float_module", "flatten", "linear"]
     for op in engine.program.ops:
         if op.kind == "epilogue" and op.bits >= 0:
             assert op.src != 0 and op.layer is not None  # never a pack of the model input

@@ -21,7 +21,7 @@ engine (`triton_engine.TritonResidual`). What it runs:
 - float convs (the stem, AvgPool + 1x1 downsample shortcuts, the pool fused into the 1x1 conv):
   numba on channels-last rows (`cpu.float_conv_rows`), their BatchNorm / PReLU in the
   epilogue; other pools and convs torch on channels-last tensors (zero-copy views of the
-  engine's (B, H, W, C) arrays); the head (global average + linear) in torch.
+  engine's (B, H, W, C) arrays); the head (global average or flatten(1), then linear) in torch.
 A binary layer is accepted only after a probe shows it computes conv(sign(x) padded with +1,
 sign(W)) [x a per-channel `output_scale()`] (project's `BinaryConv2d`, `ScaledBinaryConv2d`, or
 a user's class, e.g. tests/usermodels/tiny_bireal.py's). Anything else (a module, function or
@@ -65,7 +65,7 @@ class EngineUnsupported(ValueError):
 class Op:
     """One step of a lowered model. `layer`: the `count_ops` row its time counts to; slots
     index the program's values (set at run time)."""
-    kind: str  # input | float_module | float_conv | bin_conv | epilogue | mean | linear
+    kind: str  # input | float_module | float_conv | bin_conv | epilogue | mean | flatten | linear
     layer: str | None
     src: int = -1
     dst: int = -1
@@ -187,6 +187,16 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (id(m) in self.leaves or isinstance(m, GlobalAvgPoolHead)
                 or super().is_leaf_module(m, qualname))
+
+
+def _is_flatten_1(node: fx.Node) -> bool:
+    """x.flatten(1) / torch.flatten(x, 1): (N, C, H, W) -> (N, C*H*W) in torch's order."""
+    if not ((node.op == "call_method" and node.target == "flatten")
+            or (node.op == "call_function" and node.target is torch.flatten)):
+        return False
+    args = {**dict(zip(("input", "start_dim", "end_dim"), node.args, strict=False)),
+            **node.kwargs}
+    return args.get("start_dim", 0) == 1 and args.get("end_dim", -1) == -1
 
 
 def _is_mean_hw(node: fx.Node) -> bool:
@@ -555,6 +565,13 @@ class _Lowering:
             out = self.slot()
             self.emit(Op("mean", None, src=x.slot, dst=out))
             return _Mat(out, 2, x.channels)
+        if _is_flatten_1(node):
+            x = self.mat(self.arg(node), node.args[0])
+            if x.dims == 2:
+                return x
+            out = self.slot()
+            self.emit(Op("flatten", None, src=x.slot, dst=out))
+            return _Mat(out, 2, 0)
         raise self.fail(node, "not an operation the engine runs")
 
 
@@ -662,6 +679,9 @@ class PackedResidual:
 
     def _mean(self, op: Op, env: list, x: torch.Tensor) -> None:
         env[op.dst] = _nhwc(env[op.src]).mean(dim=(2, 3))  # (B, C)
+
+    def _flatten(self, op: Op, env: list, x: torch.Tensor) -> None:
+        env[op.dst] = _nhwc(env[op.src]).flatten(1)  # (B, C*H*W), torch's (C, H, W) order
 
     def _linear(self, op: Op, env: list, x: torch.Tensor) -> None:
         env[op.dst] = op.module(env[op.src])

@@ -246,5 +246,8 @@ class TritonResidual:
     def _mean(self, op: Op, c: dict, env: list, x: torch.Tensor) -> None:
         env[op.dst] = env[op.src].mean(dim=(1, 2))  # (B, H, W, C) -> (B, C)
 
+    def _flatten(self, op: Op, c: dict, env: list, x: torch.Tensor) -> None:
+        env[op.dst] = env[op.src].permute(0, 3, 1, 2).flatten(1)  # (B, C*H*W), torch's order
+
     def _linear(self, op: Op, c: dict, env: list, x: torch.Tensor) -> None:
         env[op.dst] = op.module(env[op.src])

@@ -5,7 +5,8 @@ threshold `b` (a `(1, C, 1, 1)` parameter) in front of the sign, a binary 3x3 co
 weights are scaled per output channel by the detached mean |w|, BatchNorm, and an identity
 shortcut around every binary conv. Where a stage halves the size and doubles the width, the
 shortcut is AvgPool(2) + 1x1 float conv + BN. The stem (3x3 conv + BN + PReLU) and the
-classifier (global average pool + linear) stay float.
+classifier stay float. The classifier is `cnn`'s: AvgPool(2) + flatten + linear (on 28x28 the
+last stage is 7x7 -> 3x3); `config["head"] = "gap"` gives Bi-Real's global average pool.
 
 Every layer that writes a stage's residual stream keeps the same channels, so the prunable
 widths are one per stage: `channels` in the config.
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from bnnprune.core.binary import ScaledBinaryConv2d
-from bnnprune.models.head import GlobalAvgPoolHead
+from bnnprune.models.head import GlobalAvgPoolHead, PoolFlattenHead
 
 STAGE_CHANNELS = (32, 64, 128)
 BLOCKS_PER_STAGE = 2
@@ -57,7 +58,17 @@ class BiRealNet(nn.Module):
                 blocks.append(BiRealBlock(c_prev, c, stride))
                 c_prev = c
         self.blocks = nn.Sequential(*blocks)
-        self.head = GlobalAvgPoolHead(c_prev, config["num_classes"])
+        head = config.get("head", "pool_flatten")
+        if head == "gap":
+            self.head: nn.Module = GlobalAvgPoolHead(c_prev, config["num_classes"])
+        elif head == "pool_flatten":
+            h, w = config["in_shape"][1:]
+            for _ in channels[1:]:  # every stage after the first halves the size
+                h, w = (h + 1) // 2, (w + 1) // 2
+            self.head = PoolFlattenHead(c_prev, (h, w), config["num_classes"])
+        else:
+            raise ValueError(f"birealnet head: {head!r} is not allowed; allowed: pool_flatten, "
+                             f"gap")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)))

@@ -2,7 +2,8 @@
 
     {"arch": "cnn", "width": 1.0, "in_shape": [1, 28, 28], "num_classes": 10,
      "channels": [32, 32, 64, ...]}                        # built in: cnn | nin | alexnet
-    {"arch": "birealnet", ..., "channels": [32, 64, 128]}   # built in, residual
+    {"arch": "birealnet", ..., "channels": [32, 64, 128],   # built in, residual
+     "head": "pool_flatten"}                               # or "gap"
     {"arch": "package.module:factory", "kwargs": {...},      # a user's module
      "binary": ["package.module:ClassName", ...], "in_shape": ..., "num_classes": ...}
 
@@ -83,7 +84,7 @@ def model_config(arch: str, width: float, in_shape: list[int], num_classes: int,
         specs, _ = chain.ARCHS[arch](width)
         return {**config, "channels": [s.out for s in specs]}
     if arch == "birealnet":
-        return {**config, "channels": birealnet.default_channels(width)}
+        return {**config, "channels": birealnet.default_channels(width), "head": "pool_flatten"}
     if is_user_arch(arch):
         return {**config, "kwargs": dict(kwargs or {}), "binary": list(binary or [])}
     raise unknown_arch(arch)
