@@ -7,7 +7,14 @@ import math
 
 import pytest
 
-from bnnprune.study.stats import mean_ci, paired_difference, spearman, spearman_ci, verdict
+from bnnprune.study.stats import (
+    accuracy_difference,
+    mean_ci,
+    paired_difference,
+    spearman,
+    spearman_ci,
+    verdict,
+)
 
 T975_3, T95_3, T975_1 = 3.1824463, 2.3533634, 12.7062047
 
@@ -116,3 +123,21 @@ def test_spearman_ci_gives_no_interval_when_most_resamples_are_constant():
     # every pair can be drawn, the first one too: only x's first value varies here
     first = spearman_ci(x[::-1], [float(i) for i in range(20)], resamples=200, seed=2)
     assert first["lo"] is not None and first["lo"] <= first["hi"]
+
+
+def test_accuracy_difference_counts_discordant_images_and_brackets_the_difference():
+    a = [True] * 60 + [False] * 40  # 60% right
+    b = [True] * 50 + [False] * 10 + [True] * 5 + [False] * 35  # 55% right
+    r = accuracy_difference(a, b, resamples=4000)
+    assert r["diff"] == pytest.approx(0.05) and r["n"] == 100
+    assert (r["only_a"], r["only_b"]) == (10, 5)
+    assert r["lo"] < 0.05 < r["hi"] and r["hi"] - r["lo"] < 0.2
+    assert r["lo"] < 0  # 10 against 5 discordant images: no difference measured
+    same = accuracy_difference(a, a)
+    assert (same["diff"], same["lo"], same["hi"]) == (0.0, 0.0, 0.0)
+    wide = accuracy_difference(a * 20, b * 20)  # 20x the images: the interval excludes zero
+    assert 0 < wide["lo"] < 0.05 < wide["hi"]
+    narrow = accuracy_difference(a * 20, b * 20, level=0.5)
+    assert wide["lo"] < narrow["lo"] < narrow["hi"] < wide["hi"]
+    with pytest.raises(ValueError, match=r"shapes \(3,\) and \(2,\)"):
+        accuracy_difference([True] * 3, [True] * 2)

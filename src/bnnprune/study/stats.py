@@ -65,3 +65,21 @@ def spearman_ci(x: Sequence[float], y: Sequence[float], resamples: int = 2000, s
         return {"rho": rho, "lo": None, "hi": None, "n": len(x)}
     lo, hi = np.quantile(boot, [0.5 - level / 2, 0.5 + level / 2])
     return {"rho": rho, "lo": float(lo), "hi": float(hi), "n": len(x)}
+
+
+def accuracy_difference(a: Sequence[bool], b: Sequence[bool], resamples: int = 2000,
+                        seed: int = 0, level: float = 0.95) -> dict[str, float | int]:
+    """Accuracy of a minus that of b on the same test images (per-image correctness), with a
+    percentile bootstrap interval over the images resampled with replacement. It covers the
+    test set's sampling only, not training noise (one model each). Also the discordant
+    counts: images only a gets right, only b gets right."""
+    x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if x.shape != y.shape or x.ndim != 1 or len(x) == 0:
+        raise ValueError(f"accuracy_difference: per-image results of shapes {x.shape} and "
+                         f"{y.shape}; allowed: two equal, non-empty 1-D sequences")
+    d = x.astype(float) - y.astype(float)  # (n,) in {-1, 0, +1}
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, len(d), (resamples, len(d)))].mean(axis=1)  # (resamples,)
+    lo, hi = np.quantile(boot, [0.5 - level / 2, 0.5 + level / 2])
+    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": len(d),
+            "only_a": int((x & ~y).sum()), "only_b": int((~x & y).sum())}
