@@ -141,3 +141,20 @@ def test_accuracy_difference_counts_discordant_images_and_brackets_the_differenc
     assert wide["lo"] < narrow["lo"] < narrow["hi"] < wide["hi"]
     with pytest.raises(ValueError, match=r"shapes \(3,\) and \(2,\)"):
         accuracy_difference([True] * 3, [True] * 2)
+
+
+def test_accuracy_difference_is_seeded_symmetric_and_takes_any_truthy_encoding():
+    a = [True] * 600 + [False] * 400
+    b = [True] * 500 + [False] * 100 + [True] * 50 + [False] * 350
+    r = accuracy_difference(a, b)
+    assert r == accuracy_difference(a, b, seed=0) != accuracy_difference(a, b, seed=1)
+    # the bootstrap of a mean is near symmetric: both tails at level / 2
+    assert abs((r["hi"] - r["diff"]) - (r["diff"] - r["lo"])) < 0.2 * (r["hi"] - r["lo"])
+    floats = accuracy_difference([float(v) for v in a], [float(v) for v in b])
+    assert floats == r  # (pred == labels).float() works as well as booleans
+    first = accuracy_difference([True] + [False] * 9, [False] * 10, resamples=500)
+    assert first["hi"] > 0  # the first image is resampled like any other
+    assert accuracy_difference([True], [False])["diff"] == 1.0  # a single image is allowed
+    for bad in ([], [[True], [False]]):
+        with pytest.raises(ValueError, match="allowed: two equal, non-empty 1-D sequences"):
+            accuracy_difference(bad, bad)
