@@ -221,12 +221,46 @@ def test_global_ranking_ties_go_to_the_earlier_group_and_lower_channel():
     assert global_keep_counts(widths, flat, 0.15, small_bops, 1) == {"a": 1, "b": 4}
     # a floor of 2: a stops at 2 (a2, a3 change nothing), then b0: 20 + 90 = 110 (31%)
     assert global_keep_counts(widths, flat, 0.2, small_bops, 2) == {"a": 2, "b": 3}
-    # the secondary score breaks a tie in the primary one
+    # the secondary score breaks a tie in the primary one: b0 first, its step (130, 18.75%)
+    # is the first candidate; a's steps reach the same 18.75% at a=1 later, and a tie keeps the
+    # first found. Were b0 ranked after a's channels, a=1 would come first and win.
     second = {"a": [(0.5, 0.0)] * 4, "b": [(0.5, 1.0)] + [(0.0, 0.0)] * 3}
-    assert global_keep_counts(widths, second, 0.1, small_bops, 1) == {"a": 4, "b": 3}
+    assert global_keep_counts(widths, second, 0.18, small_bops, 1) == {"a": 4, "b": 3}
 
 
 def test_global_ranking_that_cannot_be_reached():
     with pytest.raises(PruneError, match=r"^target_bop_reduction: 0.9 cannot be reached with "
-                                         r"min_channels 1 and round_to 1 \(at most 0.7500\)"):
+                                         r"min_channels 1, round_to 1 and max_pruning_ratio "
+                                         r"1.0 \(at most 0.7500\)"):
         global_keep_counts({"a": 4, "b": 4}, SCORES, 0.9, small_bops, 1)
+
+
+def test_global_ranking_lands_nearest_the_target_when_a_coarse_step_would_overshoot():
+    widths = {"a": 4, "b": 4}
+    # ranked: b0, b1 (b: 30 BOPs a channel), then a's. b0's step reaches 18.75% (130) and is
+    # only a candidate for a 10% target: b stops, a goes on: a=3 (150, 6.25%), a=2 (140,
+    # 12.5%), the nearest. Without it, b's coarse step would end the ranking at 18.75%.
+    scores = {"a": [(0.5, 0.0)] * 4, "b": [(0.9, 0.0), (0.8, 0.0), (0.0, 0.0), (0.0, 0.0)]}
+    kept = global_keep_counts(widths, scores, 0.1, small_bops, 1)
+    assert kept == {"a": 2, "b": 4} and small_bops(kept) == 140
+    # a cap of 0.25 (one channel a group): only b0's step reaches 15%, the one candidate
+    assert global_keep_counts(widths, scores, 0.15, small_bops, 1, max_ratio=0.25) == \
+        {"a": 4, "b": 3}
+
+
+def test_global_ranking_never_takes_more_than_max_pruning_ratio_of_a_group():
+    widths = {"a": 16, "b": 16}
+    count = lambda w: w.get("a", 16) + w.get("b", 16)  # noqa: E731
+    first_a = {"a": [(1.0, 0.0)] * 16, "b": [(0.0, 0.0)] * 16}
+    # uncapped, a gives up 12 of 16 first (20 of 32, 37.5%); a cap of 0.5 stops a at 8, and b
+    # gives the rest: 8 + 12 = 20
+    assert global_keep_counts(widths, first_a, 0.375, count, 1, 4) == {"a": 4, "b": 16}
+    assert global_keep_counts(widths, first_a, 0.375, count, 1, 4, 0.5) == {"a": 8, "b": 12}
+    # a cap that is not a whole block rounds to fewer channels removed: 0.6 of 16 -> 8 (2 x 4)
+    assert global_keep_counts(widths, first_a, 0.375, count, 1, 4, 0.6) == {"a": 8, "b": 12}
+    with pytest.raises(PruneError, match=r"at most 0.5000\); allowed: a lower target"):
+        global_keep_counts(widths, first_a, 0.6, count, 1, 4, 0.5)
+    for bad in (0, -0.1, 1.5):
+        with pytest.raises(PruneError, match=rf"^max_pruning_ratio: {bad}; allowed: a "
+                                             r"fraction in \(0, 1\]"):
+            global_keep_counts(widths, first_a, 0.3, count, 1, 4, bad)

@@ -200,27 +200,52 @@ def budget_allocation(widths: dict[Key, int], fractions: dict[Key, float], budge
 
 
 def global_keep_counts(widths: dict[Key, int], scores: dict[Key, Scores], target: float,
-                       bops: Bops, min_channels: int, round_to: int = 1) -> dict[Key, int]:
+                       bops: Bops, min_channels: int, round_to: int = 1,
+                       max_ratio: float = 1.0) -> dict[Key, int]:
     """Rank channels best-first across all groups; a group gives up round_to channels each time
-    round_to of its channels have been ranked, until BOPs drop by `target`."""
+    round_to of its channels have been ranked, while BOPs stay above the target, and never more
+    than `max_ratio` of its channels (Torch-Pruning's max_pruning_ratio). A step that
+    would reach the target is a candidate end, not taken at once: its group stops there and
+    the ranking goes on in the other groups, so a coarse group's big step cannot overshoot the
+    target when a finer one lands nearer. The candidate nearest the target wins (ties: the
+    first found)."""
+    if not 0 < max_ratio <= 1:
+        raise PruneError(f"max_pruning_ratio: {max_ratio}; allowed: a fraction in (0, 1]")
     channels = dict(widths)
+    if target <= 0:
+        return channels
+    lowest = {k: max(round_keep(w, 0, min_channels, round_to),  # the floor, or the cap
+                     w - round_to * math.floor(w * max_ratio / round_to))
+              for k, w in widths.items()}
     ranked_in = dict.fromkeys(scores, 0)
     position = {k: i for i, k in enumerate(scores)}
     start = bops({})
     ranked = sorted((-s[0], -s[1], position[k], c) for k, layer in scores.items()
                     for c, s in enumerate(layer))
     keys = list(scores)
+    stopped: set[Key] = set()
+    best: tuple[float, dict[Key, int]] | None = None
     for *_, i, _c in ranked:
-        if reduction_pct(start, bops(channels)) >= 100 * target:
-            break
         k = keys[i]
+        if k in stopped:
+            continue
         ranked_in[k] += 1
         fewer = round_keep(widths[k], widths[k] - round_to * (ranked_in[k] // round_to),
                            min_channels, round_to)
-        channels[k] = min(channels[k], fewer)
-    reached = reduction_pct(start, bops(channels))
-    if reached < 100 * target:
+        if fewer >= channels[k] or fewer < lowest[k]:
+            continue
+        trial = {**channels, k: fewer}
+        reached = reduction_pct(start, bops(trial))
+        if reached < 100 * target:
+            channels = trial
+            continue
+        stopped.add(k)
+        if best is None or reached < best[0]:
+            best = (reached, trial)
+    if best is None:
+        most = reduction_pct(start, bops(channels))
         raise PruneError(f"target_bop_reduction: {target} cannot be reached with min_channels "
-                         f"{min_channels} and round_to {round_to} (at most {reached / 100:.4f}); "
-                         f"allowed: a lower target or a smaller min_channels or round_to")
-    return channels
+                         f"{min_channels}, round_to {round_to} and max_pruning_ratio "
+                         f"{max_ratio} (at most {most / 100:.4f}); allowed: a lower target, a "
+                         f"smaller min_channels or round_to, or a larger max_pruning_ratio")
+    return best[1]

@@ -113,7 +113,8 @@ def group_scores(graph: CouplingGraph, selection: str, counts: dict[str, torch.T
 def plan(graph: CouplingGraph, counts: dict[str, torch.Tensor], method: Method,
          target_bop_reduction: float | None, tau: float, round_to: int, min_channels: int,
          seed: int, sensitivity: dict[str, float] | None = None,
-         widths: dict[str, int] | None = None) -> tuple[dict[str, list[int]], dict[str, float]]:
+         widths: dict[str, int] | None = None, max_pruning_ratio: float = 1.0
+         ) -> tuple[dict[str, list[int]], dict[str, float]]:
     """Kept channels per prunable group, and p per group."""
     full = graph.widths()
     if not full:
@@ -136,7 +137,7 @@ def plan(graph: CouplingGraph, counts: dict[str, torch.Tensor], method: Method,
         if target_bop_reduction is None:
             raise PruneError("method with a global allocation needs target_bop_reduction")
         keep_n = global_keep_counts(full, scores, target_bop_reduction, graph.bops,
-                                    min_channels, round_to)
+                                    min_channels, round_to, max_pruning_ratio)
     elif target_bop_reduction is None:
         if method.allocation != "flip":
             raise PruneError(f"allocation {method.allocation!r} needs target_bop_reduction; "
@@ -164,14 +165,17 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple, flips: Flips |
           tau: float = 2, round_to: int = 8, min_channels: int = 8, binary: Binary = None,
           seed: int = 0, ignored_layers: list[nn.Module] | None = None,
           sensitivity: dict[str, float] | None = None,
-          widths: dict[str, int] | None = None) -> tuple[nn.Module, PruneReport]:
+          widths: dict[str, int] | None = None,
+          max_pruning_ratio: float = 1.0) -> tuple[nn.Module, PruneReport]:
     """Prune `model`'s coupled channel groups; returns (a smaller copy, report). `model` is left
     untouched.
 
     method: flip (the flip rule), flip_tail, latent, random, uniform, uniform_flip, global
     (see `plan.METHODS`). With `target_bop_reduction` (a fraction) every allocation is scaled
     to cut BOPs by at least that much; without it, the flip rule decides the widths.
-    `widths` fixes the kept channels per group instead (selection still by `method`)."""
+    `widths` fixes the kept channels per group instead (selection still by `method`).
+    `max_pruning_ratio` caps the share of a group's channels the global ranking may remove
+    (as Torch-Pruning's pruners; 1: no cap)."""
     meth = method_of(method)
     counts = flip_counts(flips, meth.interval) if flips is not None else {}
     if meth.selection == "flip" or (meth.allocation == "flip" and widths is None):
@@ -188,7 +192,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple, flips: Flips |
     check_flips(counts, graph, needed=bool(counts))
     before = graph.ops
     keep, p = plan(graph, counts, meth, target_bop_reduction, tau, round_to, min_channels, seed,
-                   sensitivity, widths)
+                   sensitivity, widths, max_pruning_ratio)
     graph.apply(keep)
     if hasattr(pruned, "sync_config"):
         pruned.sync_config()

@@ -82,11 +82,12 @@ def budget_allocation(model: BNN, fractions: dict[int, float], budget: float, mi
 
 
 def global_keep_counts(model: BNN, scores: dict[int, list[tuple[float, float]]], target: float,
-                       min_channels: int, round_to: int = 1) -> dict[int, int]:
+                       min_channels: int, round_to: int = 1, max_ratio: float = 1.0
+                       ) -> dict[int, int]:
     """`plan.global_keep_counts` on the binary blocks of a chain."""
     widths = {i: model.specs[i].out for i in scores}
     return plan.global_keep_counts(widths, scores, target, chain_bops(model), min_channels,
-                                   round_to)
+                                   round_to, max_ratio)
 
 
 # ---- planning --------------------------------------------------------------------------------
@@ -115,7 +116,7 @@ def plan_pruning(model: BNN, flip_counts: dict[str, torch.Tensor], cfg: PruneCon
         keep_n = {i: channels[i] for i in blocks}
     elif cfg.target_bop_reduction is not None:
         keep_n = global_keep_counts(model, scores, cfg.target_bop_reduction, cfg.min_channels,
-                                    cfg.round_to)
+                                    cfg.round_to, cfg.max_pruning_ratio)
     else:
         keep_n = flip_allocation(model, p, cfg.min_channels, cfg.round_to)
     return Plan(select(scores, keep_n), p, keep_n)
@@ -252,7 +253,8 @@ def prune_any(model: nn.Module, counts: dict[str, torch.Tensor], cfg: PruneConfi
     pruned, report = prune(model, example_input(model), counts,
                            method=Method(allocation, cfg.criterion),
                            target_bop_reduction=cfg.target_bop_reduction, tau=cfg.tau,
-                           round_to=cfg.round_to, min_channels=cfg.min_channels, seed=cfg.seed)
+                           round_to=cfg.round_to, min_channels=cfg.min_channels, seed=cfg.seed,
+                           max_pruning_ratio=cfg.max_pruning_ratio)
     groups = report.groups.values()
     p = {n: g["p"] for n, g in report.groups.items()}
     rounds = [{"round": 1, "p": p, "max_p": max(p.values(), default=0.0), "pruned": True,

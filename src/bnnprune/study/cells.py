@@ -127,7 +127,8 @@ def allocate(method: Method, model: BNN, counts: dict[str, torch.Tensor],
     """Channels kept per binary block of a chain for `method` at a BOP `budget` (fraction)."""
     blocks = binary_blocks(model)
     if method.allocation == "global":
-        return global_keep_counts(model, scores, budget, cfg.min_channels, cfg.round_to)
+        return global_keep_counts(model, scores, budget, cfg.min_channels, cfg.round_to,
+                                  cfg.max_pruning_ratio)
     if method.allocation == "flip":
         by_name = layer_p(counts, cfg.tau)
     elif method.allocation == "uniform":
