@@ -82,7 +82,7 @@ class PruneConfig:
     target_bop_reduction: float | None = field(default=None,
                                                metadata=_range(0.0, 1.0, False, True))
     # the global ranking never removes more than this share of a group's channels
-    max_pruning_ratio: float = field(default=1.0, metadata=_range(0.0, 1.0, True))
+    max_pruning_ratio: float = field(default=0.75, metadata=_range(0.0, 1.0, True))
     iterations: int = field(default=1, metadata=_range(1, 100))
     retrain_epochs: int = field(default=1, metadata=_range(1, 10000))
     seed: int = field(default=0, metadata=_range(0))
