@@ -214,8 +214,7 @@ def global_keep_counts(widths: dict[Key, int], scores: dict[Key, Scores], target
     channels = dict(widths)
     if target <= 0:
         return channels
-    lowest = {k: max(round_keep(w, 0, min_channels, round_to),  # the floor, or the cap
-                     w - round_to * math.floor(w * max_ratio / round_to))
+    lowest = {k: w - round_to * math.floor(w * max_ratio / round_to)  # the cap
               for k, w in widths.items()}
     ranked_in = dict.fromkeys(scores, 0)
     position = {k: i for i, k in enumerate(scores)}
