@@ -28,7 +28,7 @@ def test_committed_params_parse_and_defaults_fill_in():
     ({"train": {"flip_granularity": "batch"}}, "expected one of 'step', 'epoch'"),
     ({"train": []}, "train: [] is not allowed; expected a mapping"),
     ({"prune": {"max_pruning_ratio": 0}},
-     "prune.max_pruning_ratio: 0.0 is out of range; allowed: (0.0, 1.0]"),
+     "prune.max_pruning_ratio: 0 is out of range; allowed: (0.0, 1.0]"),
     ({"prune": {"max_pruning_ratio": 1.5}}, "prune.max_pruning_ratio: 1.5 is out of range"),
 ])
 def test_bad_values_name_key_value_and_allowed(raw, fragment):

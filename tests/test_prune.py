@@ -309,7 +309,7 @@ def test_stages_prune_finetune_write_their_outputs(project):
 
 
 @pytest.mark.parametrize("bad,message", [
-    ({"prune": {"tau": -1}}, "prune.tau: -1.0 is out of range; allowed: [0.0, inf]"),
+    ({"prune": {"tau": -1}}, "prune.tau: -1 is out of range; allowed: [0.0, inf]"),
     ({"prune": {"target_bop_reduction": 1.0}},
      "prune.target_bop_reduction: 1.0 is out of range; allowed: [0.0, 1.0)"),
     ({"prune": {"target_bop_reduction": -0.1}},

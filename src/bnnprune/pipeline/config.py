@@ -246,7 +246,7 @@ def _build(prefix: str, raw: Any, cls: type) -> Any:
             continue
         key = f"{prefix}.{name}" if prefix else name
         values[name] = _convert(key, raw[name], hints[name])
-        _check_range(key, values[name], dict(f.metadata))
+        _check_range(key, raw[name], dict(f.metadata))  # the value as written (0, not 0.0)
     return cls(**values)
 
 
