@@ -38,8 +38,8 @@ from bnnprune.pipeline.export import export_onnx, session
 FLIP_WIDTHS = {"blocks.0.conv": 24, "blocks.2.conv": 48, "blocks.4.conv": 104}
 
 
-def models(checkpoint: str | None, pruned: str | None,
-           in_shape: list[int]) -> dict[str, torch.nn.Module]:
+def models(checkpoint: str | None, pruned: str | None, in_shape: list[int],
+           widths: dict[str, int] = FLIP_WIDTHS) -> dict[str, torch.nn.Module]:
     if checkpoint:
         out = {"baseline": load_checkpoint(checkpoint)[0].eval()}
         out["pruned"] = load_checkpoint(pruned)[0].eval() if pruned else None
@@ -48,7 +48,7 @@ def models(checkpoint: str | None, pruned: str | None,
                                        seed=0).eval(), "pruned": None}
     if out["pruned"] is None:
         p, _ = bnnprune.prune(out["baseline"], torch.zeros(1, *in_shape), None,
-                              method="uniform", widths=FLIP_WIDTHS, seed=0)
+                              method="uniform", widths=widths, seed=0)
         out["pruned"] = p.eval()
     return out
 
@@ -86,6 +86,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint")
     ap.add_argument("--pruned")
+    ap.add_argument("--widths", type=int, nargs=3, default=list(FLIP_WIDTHS.values()),
+                    help="without --pruned: the baseline cut to these stage widths (blocks.0/2/4;"
+                         " default: the flip rule's 24 48 104; 32 24 32 is the -50%% default's)")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -98,7 +101,8 @@ def main() -> None:
     args = ap.parse_args()
     splits, card = load_prepared("data/prepared")
     test = normalize(splits["test"].images, card["mean"], card["std"])
-    ms = models(args.checkpoint, args.pruned, list(test.shape[1:]))
+    ms = models(args.checkpoint, args.pruned, list(test.shape[1:]),
+                dict(zip(FLIP_WIDTHS, args.widths, strict=True)))
     print("load before:", os.getloadavg(), "channels:",
           {n: m.config["channels"] for n, m in ms.items()})
     with tempfile.TemporaryDirectory() as tmp:
