@@ -227,11 +227,11 @@ def test_float_conv_sign_matches_torch(b, cin, h, w, cout, k, stride, pad):
 
 
 FLOAT_ROWS_CASES = [  # (B, Cin, H, W, Cout, k, stride, padding, pool)
-    (1, 1, 28, 28, 32, 3, 1, 1, 1),  # birealnet's stem at full width: 784 pixels, 7 tasks
+    (1, 1, 28, 28, 32, 3, 1, 1, 1),  # birealnet's stem at full width: 784 pixels, 13 tasks
     (3, 1, 9, 7, 5, 3, 2, 1, 1),  # stride 2, odd sizes, Cout not a multiple of 4
     (3, 3, 11, 10, 33, 3, 1, 1, 1),  # 330 pixels: tasks start mid-row and span images
     (1, 3, 10, 9, 13, 5, 2, 2, 1),  # padding 2: taps of a row fully outside
-    (3, 2, 6, 5, 7, 3, 1, 0, 1),  # no padding; 36 pixels: a ragged last block of rows
+    (3, 2, 7, 5, 7, 3, 1, 0, 1),  # no padding; 45 pixels: one task, a ragged last block
     (3, 32, 28, 28, 64, 1, 1, 0, 2),  # birealnet's first shortcut: AvgPool(2) + 1x1
     (1, 64, 15, 13, 128, 1, 1, 0, 2),  # odd sizes: AvgPool drops the last row and column
     (3, 3, 10, 11, 6, 1, 1, 0, 3),  # pool 3 (1 / 9 not exact in float32)

@@ -809,7 +809,9 @@ def block_epilogue(src: np.ndarray, scale: np.ndarray, a1: np.ndarray, b1: np.nd
                            vec(a2), vec(b2), vec(slope), out_, vec(nbias), bits_)
 
 
-FLOAT_PIXELS = 128  # output pixels per task of `_float_conv_rows` (whole blocks of ROWS)
+FLOAT_PIXELS = 64  # output pixels per task of `_float_conv_rows` (whole blocks of ROWS); measured
+# 2 threads, 64..512: within noise, except 128, where the stem took 1.3-1.5 ms at batch 64, not
+# 0.8-0.9 (not understood)
 FLOAT_K = 4  # taps (im2col columns) per pass of `_rows_gemm` over the output channels
 
 
