@@ -9,7 +9,7 @@ torch variant of each shortcut (numba pool into (N, Cin) rows, then torch.addmm 
 preallocated tensor). Prints min / median ms, GMAC/s (of the min) and the load before / after.
 --engine-batches: also `PackedResidual` on a randomly initialised full-width birealnet, its
 float convs run by the old kernel, the new one, or the new one with torch shortcuts, interleaved
-(`engine_fns`)."""
+(`engine_fns`), and the float layers' times inside those calls (`engine(x, times)`)."""
 
 from __future__ import annotations
 
@@ -129,23 +129,27 @@ def engine_fns(b: int, old) -> dict:
     x = torch.randn(b, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     new = cpu._float_conv_rows
 
-    def run(kernel):
+    def run(name, kernel):
         def f():
             cpu._float_conv_rows = kernel
+            t: dict[str, float] = {}
             try:
-                return engine(x)
+                return engine(x, t)
             finally:
                 cpu._float_conv_rows = new
+                layers[name].append({n: 1000 * t[n] for n in LAYERS})
         return f
-    fns = {"engine old": run(old), "engine new": run(new),
-           "engine new, torch shortcuts": run(torch_shortcut(new))}
+    kernels = {"engine old": old, "engine new": new,
+               "engine new, torch shortcuts": torch_shortcut(new)}
+    layers: dict[str, list[dict[str, float]]] = {n: [] for n in kernels}
+    fns = {n: run(n, k) for n, k in kernels.items()}
     with torch.no_grad():
         ref = model(x)
     for f in fns.values():
         got = f()
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         assert torch.equal(got.argmax(1), ref.argmax(1))
-    return fns
+    return fns, layers
 
 
 def report(name: str, times: dict[str, list[float]], macs: int | None) -> None:
@@ -177,8 +181,11 @@ def main() -> None:
             fns, macs = layer_fns(name, b, old)
             report(f"{name} @ {b}", time_interleaved(fns, args.warmup, args.repeats), macs)
     for b in args.engine_batches:
-        report(f"PackedResidual @ {b}", time_interleaved(engine_fns(b, old), args.warmup,
-                                                         args.repeats), None)
+        fns, layers = engine_fns(b, old)
+        report(f"PackedResidual @ {b}", time_interleaved(fns, args.warmup, args.repeats), None)
+        for name in LAYERS:  # the float layers' own time inside those engine calls
+            times = {v: [c[name] for c in calls[1 + args.warmup:]] for v, calls in layers.items()}
+            report(f"{name} in the engine @ {b}", times, None)
     print("load after:", os.getloadavg())
 
 
