@@ -5,10 +5,11 @@ shortcuts of full-width birealnet, kernels only, interleaved; optionally the who
         [--batch-sizes 64 256] [--repeats 30] [--engine-batches 64 256]
 
 OLD: `_float_conv_rows` at commit --old-rev (read with git show). Also times a
-torch variant of each shortcut (numba pool into (N, Cin) rows, then torch.addmm into a
-preallocated tensor). Prints min / median ms, GMAC/s (of the min) and the load before / after.
+torch variant of each layer (numba pool into (N, Cin) rows, or the stem's im2col, then
+torch.addmm into a preallocated tensor). Prints min / median ms, GMAC/s (of the min) and the
+load before / after.
 --engine-batches: also `PackedResidual` on a randomly initialised full-width birealnet, its
-float convs run by the old kernel, the new one, or the new one with torch shortcuts, interleaved
+float convs run by the old kernel, the new one, or with torch GEMMs (`torch_gemm`), interleaved
 (`engine_fns`), and the float layers' times inside those calls (`engine(x, times)`)."""
 
 from __future__ import annotations
@@ -56,6 +57,17 @@ def _avgpool_rows(x, pool, out):
     return out
 
 
+@njit(parallel=True)
+def _im2col_taps(x, k, stride, pad, oh, ow, cols):
+    """cols (k * k * Cin, B * OH * OW): `cpu._gather_taps` of every pixel block."""
+    n = cols.shape[1]
+    for task in prange((n + cpu.FLOAT_PIXELS - 1) // cpu.FLOAT_PIXELS):
+        p0 = task * cpu.FLOAT_PIXELS
+        cpu._gather_taps(x, k, stride, pad, oh, ow, p0,
+                         cols[:, p0:min(n, p0 + cpu.FLOAT_PIXELS)])
+    return cols
+
+
 def load_old(rev: str):
     """The `_float_conv_rows` kernel of commit `rev`, imported from a temporary module (its
     numba cache off: the module does not outlive the run)."""
@@ -85,15 +97,22 @@ def layer_fns(name: str, b: int, old) -> tuple[dict, int]:
     outs = {v: np.empty((n, cout), np.float32) for v in ("old", "new", "torch")}
     fns = {"old": lambda: old(x, wt, bias, k, stride, pad, pool, outs["old"]),
            "new": lambda: cpu._float_conv_rows(x, wt, bias, k, stride, pad, pool, outs["new"])}
+    tw, tb, to = (torch.from_numpy(a) for a in (wt, bias, outs["torch"]))
     if k == 1:  # the torch variant: numba pool, then one addmm
         pooled = np.empty((n, cin), np.float32)
-        tp, tw, tb = (torch.from_numpy(a) for a in (pooled, wt, bias))
-        to = torch.from_numpy(outs["torch"])
+        tp = torch.from_numpy(pooled)
 
         def torch_variant() -> None:
             _avgpool_rows(x, pool, pooled)
             torch.addmm(tb, tp, tw, out=to)
-        fns["torch"] = torch_variant
+    else:  # numba im2col (taps, pixels), then one addmm on its transpose
+        cols = np.empty((k * k * cin, n), np.float32)
+        tc = torch.from_numpy(cols).t()  # (pixels, taps) view
+
+        def torch_variant() -> None:
+            _im2col_taps(x, k, stride, pad, oh, ow, cols)
+            torch.addmm(tb, tc, tw, out=to)
+    fns["torch"] = torch_variant
     for f in fns.values():
         f()
     for v in fns:
@@ -101,27 +120,33 @@ def layer_fns(name: str, b: int, old) -> tuple[dict, int]:
     return fns, n * k * k * cin * cout
 
 
-def torch_shortcut(new):
-    """A `_float_conv_rows` that runs pooled 1x1 convs as numba pool + torch.addmm (the
-    alternative to numba's GEMM, inside the engine: torch's thread pool and numba's take
-    turns on the cores)."""
-    pooled: dict[tuple, np.ndarray] = {}
+def torch_gemm(new, stem: bool):
+    """A `_float_conv_rows` that runs pooled 1x1 convs as numba pool + torch.addmm, and with
+    `stem` the others as numba im2col + torch.addmm (the alternative to numba's GEMM, inside
+    the engine: torch's thread pool and numba's then take turns on the cores)."""
+    bufs: dict[tuple, np.ndarray] = {}
 
     def kernel(x, wt, bias, k, stride, pad, pool, out):
-        if pool == 1 or k != 1:
+        b, h, w, cin = x.shape
+        if pool > 1 and k == 1:
+            buf = bufs.setdefault((out.shape[0], cin), np.empty((out.shape[0], cin), np.float32))
+            _avgpool_rows(x, pool, buf)  # (N, Cin)
+            a = torch.from_numpy(buf)
+        elif stem and pool == 1:
+            oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+            buf = bufs.setdefault((wt.shape[0], out.shape[0]),
+                                  np.empty((wt.shape[0], out.shape[0]), np.float32))
+            a = torch.from_numpy(_im2col_taps(x, k, stride, pad, oh, ow, buf)).t()
+        else:
             return new(x, wt, bias, k, stride, pad, pool, out)
-        buf = pooled.setdefault((out.shape[0], x.shape[3]),
-                                np.empty((out.shape[0], x.shape[3]), np.float32))
-        _avgpool_rows(x, pool, buf)  # (N, Cin)
-        torch.addmm(torch.from_numpy(bias), torch.from_numpy(buf), torch.from_numpy(wt),
-                    out=torch.from_numpy(out))
+        torch.addmm(torch.from_numpy(bias), a, torch.from_numpy(wt), out=torch.from_numpy(out))
         return out
     return kernel
 
 
 def engine_fns(b: int, old) -> dict:
     """The whole engine on a randomly initialised full-width birealnet, its float convs run
-    by the old kernel, the new one, or the new one with torch shortcuts (swapped into `cpu`)."""
+    by the old kernel, the new one, or torch GEMMs (each swapped into `cpu`)."""
     from bnnprune.engines.residual import PackedResidual
     from bnnprune.models import build_model, model_config
     model = build_model(model_config("birealnet", 1.0, [1, 28, 28], 10), seed=0).eval()
@@ -140,7 +165,8 @@ def engine_fns(b: int, old) -> dict:
                 layers[name].append({n: 1000 * t[n] for n in LAYERS})
         return f
     kernels = {"engine old": old, "engine new": new,
-               "engine new, torch shortcuts": torch_shortcut(new)}
+               "engine new, torch shortcuts": torch_gemm(new, False),
+               "engine new, torch stem + shortcuts": torch_gemm(new, True)}
     layers: dict[str, list[dict[str, float]]] = {n: [] for n in kernels}
     fns = {n: run(n, k) for n, k in kernels.items()}
     with torch.no_grad():
