@@ -141,6 +141,30 @@ def test_structure_packs_in_the_producers_epilogue():
     assert all(t > 0 for t in times.values())
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_float_convs_match_torch(batch):
+    """The stem and the AvgPool + 1x1 shortcut convs (`cpu.float_conv_rows`) at full width:
+    each op's output rows are the torch module's output (the shortcut's on the pooled input)
+    to float32 rounding (the sums run in another order)."""
+    model = randomise(build_model(model_config("birealnet", 1.0, [1, 28, 28], 10), seed=0))
+    engine = PackedResidual.from_model(model)
+    ops = [op for op in engine.program.ops if op.kind == "float_conv"]
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [op.module.register_forward_hook(
+        lambda m, a, o, n=op.layer: seen.__setitem__(n, o)) for op in ops]
+    x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    engine(x)
+    assert [op.layer for op in ops] == ["stem.0", "blocks.2.shortcut.1", "blocks.4.shortcut.1"]
+    for op in ops:
+        want = seen[op.layer].permute(0, 2, 3, 1).reshape(-1, op.module.out_channels)
+        got = torch.from_numpy(op.buffers["out"])  # (B * OH * OW, Cout), this call's
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=op.layer)
+
+
 class ZeroPadBinaryConv(nn.Module):
     """sign conv with zero padding: not what the packed kernels compute."""
 

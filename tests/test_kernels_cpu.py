@@ -226,6 +226,46 @@ def test_float_conv_sign_matches_torch(b, cin, h, w, cout, k, stride, pad):
         assert (got[..., -1] >> np.uint64(cout % 64) == 0).all()
 
 
+FLOAT_ROWS_CASES = [  # (B, Cin, H, W, Cout, k, stride, padding, pool)
+    (1, 1, 28, 28, 32, 3, 1, 1, 1),  # birealnet's stem at full width: 784 pixels, 13 tasks
+    (3, 1, 9, 7, 5, 3, 2, 1, 1),  # stride 2, odd sizes, Cout not a multiple of 4
+    (3, 3, 11, 10, 33, 3, 1, 1, 1),  # 330 pixels: tasks start mid-row and span images
+    (1, 3, 10, 9, 13, 5, 2, 2, 1),  # padding 2: taps of a row fully outside
+    (3, 2, 7, 5, 7, 3, 1, 0, 1),  # no padding; 45 pixels: one task, a ragged last block
+    (3, 32, 28, 28, 64, 1, 1, 0, 2),  # birealnet's first shortcut: AvgPool(2) + 1x1
+    (1, 64, 15, 13, 128, 1, 1, 0, 2),  # odd sizes: AvgPool drops the last row and column
+    (3, 3, 10, 11, 6, 1, 1, 0, 3),  # pool 3 (1 / 9 not exact in float32)
+    (3, 5, 12, 12, 9, 3, 2, 1, 2),  # a pooled 3x3 stride-2 conv (the kernel allows it)
+    (2, 4, 9, 11, 6, 3, 1, 1, 2),  # pooled 4x5, padded: taps past the right and bottom edge
+]
+
+
+@pytest.mark.parametrize("b,cin,h,w,cout,k,stride,pad,pool", FLOAT_ROWS_CASES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_float_conv_rows_matches_torch(b, cin, h, w, cout, k, stride, pad, pool, with_bias):
+    """conv2d(avg_pool2d(x, pool)) + bias on channels-last rows, to float32 rounding (the sums
+    run in another order): |diff| <= 1e-5 * (1 + |torch|); the output buffer fully written."""
+    x, wt = rand(b, cin, h, w, seed=40), rand(cout, cin, k, k, seed=41)
+    bias = rand(cout, seed=42) if with_bias else None
+    xp = F.avg_pool2d(x, pool) if pool > 1 else x
+    y = F.conv2d(xp, wt, bias, stride, pad)  # (B, Cout, OH, OW)
+    want = y.permute(0, 2, 3, 1).reshape(-1, cout).numpy()  # (B * OH * OW, Cout)
+    out = np.full(want.shape, np.nan, np.float32)  # stale values must not survive
+    x_nhwc = x.permute(0, 2, 3, 1).contiguous().numpy()  # (B, H, W, Cin)
+    got = cpu.float_conv_rows(x_nhwc, wt, bias, stride, pad, pool, out)
+    assert got is out
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_float_conv_rows_rejects_wrong_shapes():
+    x = np.zeros((1, 5, 5, 3), np.float32)
+    with pytest.raises(ValueError, match="input has 3 channels, the weight 2"):
+        cpu.float_conv_rows(x, np.zeros((4, 2, 3, 3), np.float32), None)
+    with pytest.raises(ValueError, match="out must be"):
+        cpu.float_conv_rows(x, np.zeros((4, 3, 3, 3), np.float32), None, 1, 1,
+                            out=np.zeros((24, 4), np.float32))
+
+
 @pytest.mark.parametrize("pool,gap", [((1, 1, 0), False), ((2, 2, 0), False), ((3, 2, 1), True)])
 def test_classify_matches_torch_head(pool, gap):
     b, h, w, c, classes = 3, 7, 7, 70, 10

@@ -809,57 +809,147 @@ def block_epilogue(src: np.ndarray, scale: np.ndarray, a1: np.ndarray, b1: np.nd
                            vec(a2), vec(b2), vec(slope), out_, vec(nbias), bits_)
 
 
-FLOAT_ROWS = 16  # output pixels per task of `float_conv_rows`
+FLOAT_PIXELS = 64  # output pixels per task of `_float_conv_rows` (whole blocks of ROWS); measured
+# 2 threads, 64..512: within noise, except 128, where the stem took 1.3-1.5 ms at batch 64, not
+# 0.8-0.9 (not understood)
+FLOAT_K = 4  # taps (im2col columns) per pass of `_rows_gemm` over the output channels
+
+
+@njit(inline="always")
+def _gather_taps(x, k, stride, pad, oh, ow, p0, cols):
+    """cols (k * k * Cin, n) = the float im2col of output pixels p0..p0 + n - 1 (in
+    (B, OH, OW) order), transposed: row (i * k + j) * Cin + c holds tap (i, j), channel c of
+    every pixel; zeros outside the image.
+
+    Pixels are taken a row segment at a time; per tap the pixels whose input is inside the
+    image are one range of ox, computed up front, and each (tap, channel) is one loop over
+    them writing contiguously (for a 1-channel stem: a copy of an input row; measured 1 thread,
+    batch 64, 3x3 stem: 1.25 -> 0.6 ms against a gather pixel by pixel)."""
+    _, h, w, cin = x.shape
+    n = cols.shape[1]
+    cols[:] = 0
+    p = 0
+    while p < n:
+        bi, rem = (p0 + p) // (oh * ow), (p0 + p) % (oh * ow)
+        oy, ox0 = rem // ow, rem % ow
+        seg = min(ow - ox0, n - p)  # pixels ox0..ox0 + seg - 1 of output row oy
+        for i in range(k):
+            iy = oy * stride + i - pad
+            if iy < 0 or iy >= h:
+                continue
+            for j in range(k):
+                lo = max(ox0, -((j - pad) // stride))  # first ox with ix >= 0
+                hi = min(ox0 + seg, (w - 1 + pad - j) // stride + 1)  # past the last ix < w
+                for c in range(cin):
+                    t = (i * k + j) * cin + c
+                    for ox in range(lo, hi):
+                        cols[t, p + ox - ox0] = x[bi, iy, ox * stride + j - pad, c]
+        p += seg
+
+
+@njit(inline="always")
+def _gather_pooled(x, k, stride, pad, pool, oh, ow, p0, rows):
+    """rows (n, k * k * Cin) = the im2col rows of output pixels p0..p0 + n - 1 of the
+    pool x pool average of x (summed in row order, times 1 / pool^2), tap-major, zeros
+    outside. A pixel's channels are contiguous in x and in rows: the sums run over them
+    (vectorised; channels strided across the rows' transpose made scattered stores, 10x
+    slower). Scalar indexing, no views: a view costs two atomic reference counts, which both
+    threads contend for (measured 1 thread, batch 64, first shortcut: 0.38 -> 0.30 ms)."""
+    _, hp, wp, cin = x.shape
+    h, w = hp // pool, wp // pool
+    inv = np.float32(1.0 / (pool * pool))
+    rows[:] = 0
+    for r in range(rows.shape[0]):
+        bi, rem = (p0 + r) // (oh * ow), (p0 + r) % (oh * ow)
+        oy, ox = rem // ow, rem % ow
+        for i in range(k):
+            iy = oy * stride + i - pad
+            for j in range(k):
+                ix = ox * stride + j - pad
+                if iy < 0 or iy >= h or ix < 0 or ix >= w:
+                    continue
+                t0 = (i * k + j) * cin
+                for u in range(pool):
+                    for e in range(pool):
+                        for c in range(cin):
+                            rows[r, t0 + c] += x[bi, iy * pool + u, ix * pool + e, c]
+                for c in range(cin):
+                    rows[r, t0 + c] *= inv
+
+
+@njit(inline="always")
+def _rows_gemm(cols, wt, bias, out, o0):
+    """out[o0 + r] = bias + cols[:, r] @ wt for the pixels r of cols (K, N); wt (K, M).
+
+    Blocks of ROWS output rows x FLOAT_K taps: each pass over M (contiguous, vectorised) loads
+    the FLOAT_K weight values once for the ROWS sums. `out` and `wt` are indexed in 2-D (not as
+    row views): LLVM then needs one overlap test per array pair to vectorise, not one per row
+    pair (measured 1 thread, K 64, M 128: 27 -> 40 GMAC/s)."""
+    kk, n = cols.shape
+    m = wt.shape[1]
+    kb = kk - kk % FLOAT_K
+    for r in range(o0, o0 + n):
+        for j in range(m):
+            out[r, j] = bias[j]
+    for r in range(n - n % ROWS, n):  # the ragged last rows, one at a time
+        for q in range(kk):
+            xv = cols[q, r]
+            for j in range(m):
+                out[o0 + r, j] += xv * wt[q, j]
+    for r0 in range(0, n - n % ROWS, ROWS):
+        o = o0 + r0
+        for q in range(0, kb, FLOAT_K):
+            p0, p1, p2, p3 = cols[q, r0], cols[q + 1, r0], cols[q + 2, r0], cols[q + 3, r0]
+            s0, s1, s2, s3 = (cols[q, r0 + 1], cols[q + 1, r0 + 1], cols[q + 2, r0 + 1],
+                              cols[q + 3, r0 + 1])
+            t0, t1, t2, t3 = (cols[q, r0 + 2], cols[q + 1, r0 + 2], cols[q + 2, r0 + 2],
+                              cols[q + 3, r0 + 2])
+            u0, u1, u2, u3 = (cols[q, r0 + 3], cols[q + 1, r0 + 3], cols[q + 2, r0 + 3],
+                              cols[q + 3, r0 + 3])
+            for j in range(m):  # vectorised over output channels
+                v0, v1, v2, v3 = wt[q, j], wt[q + 1, j], wt[q + 2, j], wt[q + 3, j]
+                out[o, j] += ((p0 * v0 + p1 * v1) + p2 * v2) + p3 * v3
+                out[o + 1, j] += ((s0 * v0 + s1 * v1) + s2 * v2) + s3 * v3
+                out[o + 2, j] += ((t0 * v0 + t1 * v1) + t2 * v2) + t3 * v3
+                out[o + 3, j] += ((u0 * v0 + u1 * v1) + u2 * v2) + u3 * v3
+        for q in range(kb, kk):
+            p0, s0, t0, u0 = cols[q, r0], cols[q, r0 + 1], cols[q, r0 + 2], cols[q, r0 + 3]
+            for j in range(m):
+                v0 = wt[q, j]
+                out[o, j] += p0 * v0
+                out[o + 1, j] += s0 * v0
+                out[o + 2, j] += t0 * v0
+                out[o + 3, j] += u0 * v0
 
 
 @njit(parallel=True, cache=True, fastmath=True)
 def _float_conv_rows(x, wt, bias, k, stride, pad, pool, out):
     """Float conv on channels-last rows: x (B, H, W, Cin) float32 -> out (B * OH * OW, Cout),
     zero padding; with pool > 1 the input is first average-pooled pool x pool (stride pool,
-    no padding: an AvgPool2d + 1x1 conv shortcut in one pass). wt (k * k * Cin, Cout) tap-major,
-    bias (Cout,). Per output pixel the Cout sums are one contiguous row (vectorised); fastmath
-    lets them use fused multiply-adds (the order differs from torch's anyway)."""
-    b, h, w, cin = x.shape
-    if pool > 1:
-        h, w = h // pool, w // pool
-    oh = (h + 2 * pad - k) // stride + 1
-    ow = (w + 2 * pad - k) // stride + 1
-    cout = wt.shape[1]
+    no padding: an AvgPool2d + 1x1 conv shortcut in one pass). wt (k * k * Cin, Cout)
+    tap-major, bias (Cout,).
+
+    A task takes FLOAT_PIXELS consecutive output pixels (across rows and images: small maps
+    still make whole blocks): it gathers their im2col into a buffer that stays in L1
+    (`_gather_taps`; `_gather_pooled` with the pool done there) and multiplies it by wt in
+    register blocks (`_rows_gemm`). fastmath lets the sums use fused multiply-adds and
+    reassociate (the order differs from torch's anyway)."""
+    b, hp, wp, cin = x.shape
+    oh = (hp // pool + 2 * pad - k) // stride + 1
+    ow = (wp // pool + 2 * pad - k) // stride + 1
     n = b * oh * ow
-    inv = np.float32(1.0 / (pool * pool))
-    for task in prange((n + FLOAT_ROWS - 1) // FLOAT_ROWS):
-        v = np.empty(cin, np.float32)
-        for p in range(task * FLOAT_ROWS, min(n, (task + 1) * FLOAT_ROWS)):
-            bi, rem = p // (oh * ow), p % (oh * ow)
-            oy, ox = rem // ow, rem % ow
-            acc = out[p]
-            for j in range(cout):
-                acc[j] = bias[j]
-            for i in range(k):
-                iy = oy * stride + i - pad
-                if iy < 0 or iy >= h:
-                    continue
-                for jj in range(k):
-                    ix = ox * stride + jj - pad
-                    if ix < 0 or ix >= w:
-                        continue
-                    if pool > 1:
-                        v[:] = 0
-                        for u in range(pool):
-                            for t in range(pool):
-                                src = x[bi, iy * pool + u, ix * pool + t]
-                                for c in range(cin):
-                                    v[c] += src[c]
-                        for c in range(cin):
-                            v[c] *= inv
-                    else:
-                        v[:] = x[bi, iy, ix]
-                    base = (i * k + jj) * cin
-                    for c in range(cin):
-                        xv = v[c]
-                        wr = wt[base + c]
-                        for j in range(cout):  # vectorised over output channels
-                            acc[j] += xv * wr[j]
+    kk = k * k * cin
+    for task in prange((n + FLOAT_PIXELS - 1) // FLOAT_PIXELS):
+        p0 = task * FLOAT_PIXELS
+        npix = min(FLOAT_PIXELS, n - p0)
+        if pool == 1:
+            cols = np.empty((kk, npix), np.float32)  # (taps, pixels)
+            _gather_taps(x, k, stride, pad, oh, ow, p0, cols)
+            _rows_gemm(cols, wt, bias, out, p0)
+        else:
+            rows = np.empty((npix, kk), np.float32)  # (pixels, taps)
+            _gather_pooled(x, k, stride, pad, pool, oh, ow, p0, rows)
+            _rows_gemm(rows.T, wt, bias, out, p0)  # (taps, pixels) view
     return out
 
 
