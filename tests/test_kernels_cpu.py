@@ -370,3 +370,41 @@ def test_float_conv_sign_bits_are_the_tap_ordered_float32_sums(b, cin, h, w, cou
     want = cpu.pack_rows((acc * alpha + beta).reshape(-1, cout)).reshape(b, oh, ow, -1)
     got = cpu.float_conv_sign(x, wt, alpha, beta, stride, pad)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("m", [37, 130])  # one / three words, rows not a whole task
+@pytest.mark.parametrize("res_kind", ["affine", "plain", "none"])
+@pytest.mark.parametrize("prelu", [True, False])
+@pytest.mark.parametrize("parts", ["both", "bits", "out"])
+def test_block_epilogue_is_the_formula_in_float32(m, res_kind, prelu, parts):
+    """cpu.block_epilogue against numpy in float32 and torch's order of operations, bit for
+    bit: every combination of shortcut, PReLU and outputs, int32 and float rows, into stale
+    buffers."""
+    rng = np.random.default_rng(m)
+    n = 70  # 2 tasks of EPILOGUE_ROWS and a ragged one
+    vec = lambda: rng.standard_normal(m).astype(np.float32)  # noqa: E731
+    scale, a1, b1, a2, b2, nbias, slope = (vec() for _ in range(7))
+    for src in (rng.integers(-30, 30, (n, m)).astype(np.int32),
+                rng.standard_normal((n, m)).astype(np.float32)):
+        res = rng.standard_normal((n, m)).astype(np.float32)
+        y = src.astype(np.float32) * scale * a1 + b1
+        if res_kind == "affine":
+            y = y + (res * a2 + b2)
+        elif res_kind == "plain":
+            y = y + res
+        if prelu:
+            y = np.where(y > 0, y, y * slope)
+        out = np.full((n, m), np.nan, np.float32) if parts != "bits" else None
+        bits = np.full((n, n_words(m)), 7, np.uint64) if parts != "out" else None
+        got_out, got_bits = cpu.block_epilogue(
+            src, scale, a1, b1, None if res_kind == "none" else res,
+            a2 if res_kind == "affine" else None, b2 if res_kind == "affine" else None,
+            slope if prelu else None, out, nbias if parts != "out" else None, bits)
+        if parts != "bits":
+            assert np.array_equal(got_out, y)
+        else:
+            assert got_out.shape[0] == 0
+        if parts != "out":
+            assert np.array_equal(unpack_pm1(got_bits, m) > 0, y + nbias >= 0)
+        else:
+            assert got_bits.shape[0] == 0
