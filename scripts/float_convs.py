@@ -73,6 +73,9 @@ def load_old(rev: str):
     numba cache off: the module does not outlive the run)."""
     src = subprocess.run(["git", "show", f"{rev}:src/bnnprune/engines/kernels/cpu.py"],
                          capture_output=True, text=True, check=True).stdout
+    if "FLOAT_ROWS = " not in src:
+        sys.exit(f"--old-rev {rev}: its cpu.py has no pixel-by-pixel `_float_conv_rows` "
+                 f"(FLOAT_ROWS); allowed: a commit before 25bdcb4, e.g. b772f9f")
     body = src[src.index("FLOAT_ROWS = "):src.index("def float_conv_rows")]
     folder = tempfile.mkdtemp()
     Path(folder, "old_float_conv.py").write_text(
