@@ -119,8 +119,47 @@ def project_env(root: Path, tracking_uri: str | None = None) -> dict:
     return env
 
 
+# What the tiny pipelines' stages run on the engines: compiled once per session into this
+# checkout's own numba cache, which `copy_project` copies along. On a fresh clone (CI) the cache
+# is empty, and each stage of each pipeline would otherwise compile the same kernels anew.
+WARM_KERNELS = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])  # tests/: the user's model
+from bnnprune.engines.bench_kernels import PeakXorPopcount
+from bnnprune.engines.packed import PackedModel
+from bnnprune.models import build_model, model_config
+PeakXorPopcount(1, reps=1)
+for arch, kwargs, binary in (("cnn", None, None), ("birealnet", None, None),
+                             ("usermodels.tiny_bireal:build", {"width": 8},
+                              ["usermodels.tiny_bireal:MyBinaryConv"])):
+    model = build_model(model_config(arch, 0.25, [1, 28, 28], 10, kwargs, binary), seed=0)
+    PackedModel.from_model(model.eval())(torch.zeros(2, 1, 28, 28))
+"""
+WARM_WAIT = 600  # s: only a bound
+
+
+def warm_kernels() -> None:
+    """Compile the engines' kernels into the checkout's cache, once per session (a marker
+    next to the session's shared folder, named by the environment); a failure here is only
+    reported: the stages then compile for themselves, as they would anyway."""
+    shared = os.environ.get("BNNPRUNE_TEST_SHARED")
+    if not shared:
+        return
+    done = Path(shared) / "kernels-warm"
+    with file_lock(Path(shared) / "kernels-warm.lock"):
+        if done.exists():
+            return
+        proc = subprocess.run([sys.executable, "-c", WARM_KERNELS, str(Path(__file__).parent)],
+                              cwd=REPO, capture_output=True, text=True, timeout=WARM_WAIT,
+                              env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+        if proc.returncode != 0:
+            print(f"warming the numba kernels failed (the stages compile them):\n{proc.stderr}")
+        done.write_text(str(proc.returncode))
+
+
 def copy_project(root: Path, **override) -> tuple[Path, dict]:
     """A committed copy of the repo (tracked + new files) with tiny params, and its env."""
+    warm_kernels()
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for name in files:  # sources only: no trained models from the developer's workspace
@@ -213,7 +252,9 @@ def wait_e2e_build(shared: Path) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def _e2e_build_in_background(request, tmp_path_factory):
-    """Starts the shared build at the session's first test when a collected test needs it."""
+    """Starts the shared build at the session's first test when a collected test needs it;
+    names the shared folder for `warm_kernels` (this process, its children)."""
+    os.environ["BNNPRUNE_TEST_SHARED"] = str(shared_folder(tmp_path_factory))
     proc = None
     if any({"e2e_project", "e2e_build"} & set(getattr(item, "fixturenames", ()))
            for item in request.session.items):
