@@ -129,16 +129,20 @@ def torch_gemm(new, stem: bool):
     the engine: torch's thread pool and numba's then take turns on the cores)."""
     bufs: dict[tuple, np.ndarray] = {}
 
+    def buffer(shape: tuple) -> np.ndarray:  # allocated once per shape, as the engine's are
+        if shape not in bufs:
+            bufs[shape] = np.empty(shape, np.float32)
+        return bufs[shape]
+
     def kernel(x, wt, bias, k, stride, pad, pool, out):
         b, h, w, cin = x.shape
         if pool > 1 and k == 1:
-            buf = bufs.setdefault((out.shape[0], cin), np.empty((out.shape[0], cin), np.float32))
-            _avgpool_rows(x, pool, buf)  # (N, Cin)
+            buf = buffer((out.shape[0], cin))  # (N, Cin)
+            _avgpool_rows(x, pool, buf)
             a = torch.from_numpy(buf)
         elif stem and pool == 1:
             oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-            buf = bufs.setdefault((wt.shape[0], out.shape[0]),
-                                  np.empty((wt.shape[0], out.shape[0]), np.float32))
+            buf = buffer((wt.shape[0], out.shape[0]))  # (taps, pixels)
             a = torch.from_numpy(_im2col_taps(x, k, stride, pad, oh, ow, buf)).t()
         else:
             return new(x, wt, bias, k, stride, pad, pool, out)

@@ -752,7 +752,8 @@ def _block_epilogue(src, scale, a1, b1, res, a2, b2, slope, out, nbias, bits):
 
     A task's EPILOGUE_ROWS rows go through each step in one loop nest, written straight to
     `out` (or a task buffer when only the bits are wanted), 2-D indexed: measured 2 threads,
-    batch 64, 28x28x32: 0.99 -> 0.62 ms against a per-row pass per step through a row buffer."""
+    batch 64, min: 28x28x32 0.55 -> 0.45 ms, 14x14x64 0.27 -> 0.21 ms against a per-row pass
+    per step through a row buffer (bit-identical outputs)."""
     n, m = src.shape
     has_res, res_affine, prelu = res.shape[0] > 0, a2.shape[0] > 0, slope.shape[0] > 0
     write_out, write_bits = out.shape[0] > 0, bits.shape[0] > 0
