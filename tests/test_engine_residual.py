@@ -111,9 +111,14 @@ def test_engine_matches_torch(make):
     model = make()
     engine = PackedModel.from_model(model)  # dispatches: not a chain BNN
     assert isinstance(engine, PackedResidual)
+    assert engine.ops[-1].kind == "pool_linear"  # both heads: pool 2 / flatten, and the mean
     x = torch.randn(6, 1, 28, 28)
     check_exact(model, engine, x)
     check_exact(model, engine, x[:2])  # other batch size: buffers reallocated
+    first = engine(x[:2])
+    kept = first.clone()
+    engine(x[2:4])
+    assert torch.equal(first, kept)  # an earlier call's logits are not overwritten
 
 
 def test_structure_packs_in_the_producers_epilogue():
@@ -125,11 +130,15 @@ def test_structure_packs_in_the_producers_epilogue():
     assert kinds.count("bin_conv") == 6 and kinds.count("epilogue") == 7  # stem + 6 blocks
     floats = [(op.layer, op.pool) for op in engine.program.ops if op.kind == "float_conv"]
     assert floats == [("stem.0", 1), ("blocks.2.shortcut.1", 2), ("blocks.4.shortcut.1", 2)]
-    # the shortcuts' AvgPool fused into their 1x1 convs; only the head's pool runs in torch,
-    # then flatten(1) in torch's (C, H, W) order and the linear layer
+    # the shortcuts' AvgPool fused into their 1x1 convs; the head's AvgPool, flatten(1) in
+    # torch's (C, H, W) order and the linear layer are one op in the CPU runtime
     assert [op.module for op in engine.program.ops if op.kind == "float_module"] == [
         model.head.pool]
     assert kinds[-3:] == ["float_module", "flatten", "linear"]
+    head = engine.ops[-1]
+    assert [op.kind for op in engine.ops[:-1]] == kinds[:-3]
+    assert (head.kind, head.pool, head.module, head.layer) == (
+        "pool_linear", 2, model.head.classifier, "head.classifier")
     for op in engine.program.ops:
         if op.kind == "epilogue" and op.bits >= 0:
             assert op.src != 0 and op.layer is not None  # never a pack of the model input

@@ -288,6 +288,31 @@ def test_classify_matches_torch_head(pool, gap):
         cpu.classify(acc.numpy(), *pool, alpha, beta, gap, weight[:, 1:], linear.bias)
 
 
+@pytest.mark.parametrize("pool,h,w,bias", [(2, 7, 7, True), (0, 7, 5, True), (1, 3, 4, False),
+                                          (3, 9, 6, True)])
+def test_pool_linear_matches_torch_head(pool, h, w, bias):
+    """The residual engine's head: AvgPool2d(pool) (0: the global mean), torch's (C, PH, PW)
+    flatten order, linear; odd sizes leave pixels out as AvgPool2d does."""
+    b, c, classes = 3, 19, 7
+    x = torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(40))
+    y = x.mean(dim=(2, 3)) if pool == 0 else F.avg_pool2d(x, pool).flatten(1)
+    linear = torch.nn.Linear(y.shape[1], classes, bias=bias)
+    with torch.no_grad():
+        want = linear(y)
+    got = cpu.pool_linear(x.permute(0, 2, 3, 1).numpy(), pool, linear.weight.detach(),
+                          linear.bias)
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="features"):
+        cpu.pool_linear(x.permute(0, 2, 3, 1).numpy(), pool, linear.weight.detach()[:, 1:], None)
+
+
+def test_pool_linear_rejects_a_pool_larger_than_the_map():
+    x = np.zeros((1, 3, 4, 2), np.float32)
+    with pytest.raises(ValueError,
+                       match=r"pool 5 does not fit a 3x4 map \(allowed: 0 = global, 1..3\)"):
+        cpu.pool_linear(x, 5, np.zeros((2, 2), np.float32), None)
+
+
 def test_mismatch_limits_are_the_threshold_compare_and_pruned_widths_stay_exact():
     """`(mismatches <= limit) ^ flip` == `s * acc >= t` for every reachable acc, and ragged
     (pruned) output widths, padded to whole vectors inside the GEMM, give exact results."""

@@ -66,6 +66,7 @@ class Op:
     """One step of a lowered model. `layer`: the `count_ops` row its time counts to; slots
     index the program's values (set at run time)."""
     kind: str  # input | float_module | float_conv | bin_conv | epilogue | mean | flatten | linear
+    #            | pool_linear (the CPU runtime's fused head, `fuse_head`)
     layer: str | None
     src: int = -1
     dst: int = -1
@@ -587,6 +588,28 @@ def _nhwc(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a).permute(0, 3, 1, 2)
 
 
+def fuse_head(ops: list[Op]) -> list[Op]:
+    """ops with a trailing AvgPool2d(k) -> flatten -> linear, or mean -> linear, as one
+    `pool_linear` op (pool k; 0 for the mean), when nothing else reads the values between."""
+    def reads(slot: int) -> int:
+        return sum(o.src == slot or o.res == slot for o in ops)
+
+    tail = [o.kind for o in ops[-3:]]
+    if len(ops) >= 3 and tail == ["float_module", "flatten", "linear"]:
+        pool_op, flat, lin = ops[-3:]
+        pool = _pool_size(pool_op.module)
+        chained = flat.src == pool_op.dst and lin.src == flat.dst
+        if pool and chained and reads(pool_op.dst) == 1 and reads(flat.dst) == 1:
+            return ops[:-3] + [Op("pool_linear", lin.layer, src=pool_op.src, dst=lin.dst,
+                                  module=lin.module, pool=pool)]
+    if len(ops) >= 2 and tail[-2:] == ["mean", "linear"]:
+        mean, lin = ops[-2:]
+        if lin.src == mean.dst and reads(mean.dst) == 1:
+            return ops[:-2] + [Op("pool_linear", lin.layer, src=mean.src, dst=lin.dst,
+                                  module=lin.module, pool=0)]
+    return ops
+
+
 def _lap(times: dict[str, float], name: str, since: float) -> float:
     now = time.perf_counter()
     times[name] = times.get(name, 0.0) + now - since
@@ -599,7 +622,8 @@ class PackedResidual:
     def __init__(self, model: nn.Module, program: Program):
         self.model = model
         self.program = program
-        for op in program.ops:  # per-op constants in the kernels' layouts, once
+        self.ops = fuse_head(program.ops)
+        for op in self.ops:  # per-op constants in the kernels' layouts, once
             if op.kind == "bin_conv":
                 op.buffers["weight"] = cpu.pack_conv_weight(op.weight.numpy())
             if op.kind == "float_conv":
@@ -617,14 +641,14 @@ class PackedResidual:
     @property
     def layers(self) -> list[str]:
         """The layers `engine(x, times)` clocks, in order (count_ops row names)."""
-        return list(dict.fromkeys(op.layer for op in self.program.ops if op.layer))
+        return list(dict.fromkeys(op.layer for op in self.ops if op.layer))
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, times: dict[str, float] | None = None) -> torch.Tensor:
         """x (B, C, H, W) float32 -> logits (B, classes); `times` gets each layer's seconds."""
         env: list[Any] = [None] * self.program.n_slots
         clock = time.perf_counter()
-        for op in self.program.ops:
+        for op in self.ops:
             getattr(self, f"_{op.kind}")(op, env, x)
             if times is not None:
                 clock = _lap(times, op.layer, clock)
@@ -685,3 +709,8 @@ class PackedResidual:
 
     def _linear(self, op: Op, env: list, x: torch.Tensor) -> None:
         env[op.dst] = op.module(env[op.src])
+
+    def _pool_linear(self, op: Op, env: list, x: torch.Tensor) -> None:
+        m = op.module  # a new array each call: the logits outlive the call
+        env[op.dst] = torch.from_numpy(cpu.pool_linear(env[op.src], op.pool, m.weight.detach(),
+                                                       m.bias))

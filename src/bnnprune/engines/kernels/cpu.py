@@ -974,3 +974,58 @@ def float_conv_rows(x: np.ndarray, weight: Array, bias: Array | None, stride: in
         as_numpy(bias), np.float32)
     return _float_conv_rows(np.ascontiguousarray(x, np.float32), wt, bn, k, stride, padding,
                             pool, _buffer(out, (n, cout), np.float32))
+
+
+# ---------------------------------------------------------------------------- the head
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def _pool_linear(x, pool, wc, bias, out):
+    """x (B, H, W, C) -> average pool (pool x pool, stride pool; pool 0: the global mean) ->
+    features in channels-last order (PH, PW, C) -> out (B, classes) = features @ wc.T + bias,
+    wc (classes, PH * PW * C). fastmath: the sums are reordered (vectorised dot products)."""
+    b, h, w, c = x.shape
+    ky, kx = (h, w) if pool == 0 else (pool, pool)
+    ph, pw = h // ky, w // kx
+    count = np.float32(ky * kx)
+    for bi in prange(b):
+        feat = np.zeros(ph * pw * c, np.float32)  # (PH, PW, C)
+        for py in range(ph):
+            for px in range(pw):
+                base = (py * pw + px) * c
+                for u in range(ky):
+                    for e in range(kx):
+                        for ch in range(c):  # vectorised over channels
+                            feat[base + ch] += x[bi, py * ky + u, px * kx + e, ch]
+                for ch in range(c):
+                    feat[base + ch] /= count
+        for k in range(wc.shape[0]):
+            dot = np.float32(0)
+            for f in range(feat.shape[0]):
+                dot += feat[f] * wc[k, f]
+            out[bi, k] = dot + bias[k]
+    return out
+
+
+def pool_linear(x: np.ndarray, pool: int, weight: Array, bias: Array | None,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """A classifier head on channels-last x (B, H, W, C) float32: AvgPool2d(pool) (stride
+    pool, no padding; pool 0: the mean over H and W), flatten in torch's (C, PH, PW) order,
+    then `v @ weight.T + bias` with weight (classes, C * PH * PW) as `nn.Linear` keeps it
+    -> (B, classes) float32, in one pass (`_pool_linear`)."""
+    b, h, w, c = x.shape
+    ph, pw = (1, 1) if pool == 0 else (h // pool, w // pool)
+    wn = np.asarray(as_numpy(weight), np.float32)
+    if pool < 0 or ph < 1 or pw < 1:
+        raise ValueError(f"pool {pool} does not fit a {h}x{w} map (allowed: 0 = global, "
+                         f"1..{min(h, w)})")
+    if wn.ndim != 2 or wn.shape[1] != c * ph * pw:
+        raise ValueError(f"classifier weight {wn.shape} does not take the {c * ph * pw} "
+                         f"features of a {c}x{ph}x{pw} pooled map")
+    classes = wn.shape[0]
+    wc = np.ascontiguousarray(  # (classes, C, PH, PW) -> (classes, PH, PW, C), flattened
+        wn.reshape(classes, c, ph, pw).transpose(0, 2, 3, 1).reshape(classes, -1))
+    bn = np.zeros(classes, np.float32) if bias is None else np.ascontiguousarray(
+        as_numpy(bias), np.float32)
+    return _pool_linear(np.ascontiguousarray(x, np.float32), pool, wc, bn,
+                        _buffer(out, (b, classes), np.float32))
