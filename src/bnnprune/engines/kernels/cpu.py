@@ -728,16 +728,17 @@ def classify(acc: np.ndarray, pool_k: int, pool_s: int, pool_p: int, alpha: Arra
 EPILOGUE_ROWS = 32  # pixels per task of `block_epilogue`
 
 
+TILE = 256  # about this many values per tiled per-channel vector (whole rows)
+
+
 @njit(inline="always")
-def _row_bits(y, nbias, bits, r):
-    """bits[r, q] = packed (y[c] + nbias[c] >= 0) for the channels c of word q."""
-    m = y.shape[0]
-    for q in range(bits.shape[1]):
-        base = 64 * q
-        word = np.uint64(0)  # in a register, from a loop starting at 0: vectorises
-        for j in range(min(64, m - base)):
-            word |= np.uint64(y[base + j] + nbias[base + j] >= 0) << np.uint64(j)
-        bits[r, q] = word
+def _tile(v, rows):
+    """v (M,) repeated `rows` times -> (rows * M,) (explicit loop: no parallel region)."""
+    m = v.shape[0]
+    t = np.empty(rows * m, np.float32)
+    for i in range(rows * m):
+        t[i] = v[i % m]
+    return t
 
 
 @njit(parallel=True, cache=True)
@@ -745,40 +746,58 @@ def _block_epilogue(src, scale, a1, b1, res, a2, b2, slope, out, nbias, bits):
     """Per row r (pixel) and channel j, in float32 and in torch's order:
         y = (src * scale) * a1 + b1                   binary conv * its scale, BatchNorm
         y = y + (res * a2 + b2)  or  y + res          shortcut (its BatchNorm) added
-        y = y if y > 0 else y * slope                 PReLU
-    then out[r] = y and bits[r] = packed (y + nbias >= 0); an empty res / a2 / slope / out /
-    bits leaves that part out. src (N, M) int32 or float32; res, out (N, M) float32; bits
-    (N, M_words) uint64.
+        y = y if y > 0 else y * slope                 PReLU (none: slope 1, the same y)
+    then out[r] = y and bits[r] = packed (y + nbias >= 0); an empty res / a2 / out / bits
+    leaves that part out. src (N * M,) int32 or float32 and res, out (N * M,) float32:
+    the (N, M) rows flattened; bits (N, M_words) uint64.
 
-    A task's EPILOGUE_ROWS rows go through each step in one loop nest, written straight to
-    `out` (or a task buffer when only the bits are wanted), 2-D indexed: measured 2 threads,
-    batch 64, min: 28x28x32 0.55 -> 0.45 ms, 14x14x64 0.27 -> 0.21 ms against a per-row pass
-    per step through a row buffer (bit-identical outputs)."""
-    n, m = src.shape
-    has_res, res_affine, prelu = res.shape[0] > 0, a2.shape[0] > 0, slope.shape[0] > 0
-    write_out, write_bits = out.shape[0] > 0, bits.shape[0] > 0
+    A task's EPILOGUE_ROWS rows are one run of values; each step is one flat loop over TILE
+    of them at a time (whole rows), against the per-channel vectors tiled to that length once
+    per call (tiles that stay in L1). Indices are unsigned: numba then adds no negative-index
+    fix-up, and the loops vectorise. Measured 2 threads, min, interleaved, bit-identical,
+    against one loop per row and step: 28x28x32 at batch 64 0.44 -> 0.37 ms, 14x14x64 0.19 ->
+    0.14 ms, 7x7x128 0.106 -> 0.086 ms; bits only 0.54 -> 0.29 ms (28x28x32)."""
+    m = scale.shape[0]
+    n = src.shape[0] // m
+    has_res, res_affine, write_out = res.shape[0] > 0, a2.shape[0] > 0, out.shape[0] > 0
+    write_bits = bits.shape[0] > 0
+    tr = max(1, min(n, TILE // m))  # rows per tile
+    tsc, ta1, tb1 = _tile(scale, tr), _tile(a1, tr), _tile(b1, tr)
+    tsl = _tile(slope, tr)
+    ta2 = _tile(a2, tr) if res_affine else np.empty(0, np.float32)
+    tb2 = _tile(b2, tr) if res_affine else np.empty(0, np.float32)
     for task in prange((n + EPILOGUE_ROWS - 1) // EPILOGUE_ROWS):
         r0, r1 = task * EPILOGUE_ROWS, min(n, (task + 1) * EPILOGUE_ROWS)
-        y = out if write_out else np.empty((EPILOGUE_ROWS, m), np.float32)
-        o = 0 if write_out else r0  # row r of the task is y[r - o]
-        for r in range(r0, r1):  # each loop vectorised over channels
+        y = out if write_out else np.empty(EPILOGUE_ROWS * m, np.float32)
+        o = 0 if write_out else r0 * m  # value e of the task is y[e - o]
+        for c0 in range(r0, r1, tr):
+            e0 = c0 * m
+            cnt = (min(r1, c0 + tr) - c0) * m
+            d0 = e0 - o
             if has_res and res_affine:
-                for j in range(m):
-                    y[r - o, j] = (np.float32(src[r, j]) * scale[j] * a1[j] + b1[j]) + (
-                        res[r, j] * a2[j] + b2[j])
+                for e in range(cnt):
+                    v = (np.float32(src[np.uint64(e0 + e)]) * tsc[e] * ta1[e] + tb1[e]) + (
+                        res[np.uint64(e0 + e)] * ta2[e] + tb2[e])
+                    y[np.uint64(d0 + e)] = v if v > 0 else v * tsl[e]
             elif has_res:
-                for j in range(m):
-                    y[r - o, j] = (np.float32(src[r, j]) * scale[j] * a1[j] + b1[j]) + res[r, j]
+                for e in range(cnt):
+                    v = (np.float32(src[np.uint64(e0 + e)]) * tsc[e] * ta1[e] + tb1[e]
+                         ) + res[np.uint64(e0 + e)]
+                    y[np.uint64(d0 + e)] = v if v > 0 else v * tsl[e]
             else:
-                for j in range(m):
-                    y[r - o, j] = np.float32(src[r, j]) * scale[j] * a1[j] + b1[j]
-            if prelu:
-                for j in range(m):
-                    v = y[r - o, j]
-                    y[r - o, j] = v if v > 0 else v * slope[j]
+                for e in range(cnt):
+                    v = np.float32(src[np.uint64(e0 + e)]) * tsc[e] * ta1[e] + tb1[e]
+                    y[np.uint64(d0 + e)] = v if v > 0 else v * tsl[e]
         if write_bits:
             for r in range(r0, r1):
-                _row_bits(y[r - o], nbias, bits, r)
+                b0 = r * m - o
+                for q in range(bits.shape[1]):
+                    base = 64 * q
+                    word = np.uint64(0)
+                    for j in range(min(64, m - base)):
+                        word |= np.uint64(y[np.uint64(b0 + base + j)] + nbias[base + j] >= 0
+                                          ) << np.uint64(j)
+                    bits[r, q] = word
     return out, bits
 
 
@@ -808,8 +827,11 @@ def block_epilogue(src: np.ndarray, scale: np.ndarray, a1: np.ndarray, b1: np.nd
     out_ = np.zeros((0, m), f32) if out is None else _buffer(out, (n, m), f32)
     bits_ = (np.zeros((0, 1), np.uint64) if nbias is None else
              _buffer(bits, (n, n_words(m)), np.uint64))
-    return _block_epilogue(np.ascontiguousarray(src), vec(scale), vec(a1), vec(b1), res_,
-                           vec(a2), vec(b2), vec(slope), out_, vec(nbias), bits_)
+    slope_ = np.ones(m, f32) if slope is None else slope  # PReLU with slope 1: y itself
+    o, b = _block_epilogue(np.ascontiguousarray(src).reshape(-1), vec(scale), vec(a1), vec(b1),
+                           res_.reshape(-1), vec(a2), vec(b2), vec(slope_), out_.reshape(-1),
+                           vec(nbias), bits_)  # rows flattened: views of the same memory
+    return o.reshape(-1, m), b
 
 
 FLOAT_PIXELS = 64  # output pixels per task of `_float_conv_rows` (whole blocks of ROWS); measured
