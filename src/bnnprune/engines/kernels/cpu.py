@@ -888,6 +888,14 @@ def _gather_pooled(x, k, stride, pad, pool, oh, ow, p0, rows):
     _, hp, wp, cin = x.shape
     h, w = hp // pool, wp // pool
     inv = np.float32(1.0 / (pool * pool))
+    if k == 1 and stride == 1 and pad == 0 and pool == 2:  # the shortcuts: one loop a pixel
+        for r in range(rows.shape[0]):  # (measured 2 threads, batch 64, min, interleaved:
+            bi, rem = (p0 + r) // (oh * ow), (p0 + r) % (oh * ow)  # first shortcut 0.51-0.59
+            y0, x0 = rem // ow * 2, rem % ow * 2  # -> 0.43-0.47 ms, against the loops below)
+            for c in range(cin):
+                rows[r, c] = (((x[bi, y0, x0, c] + x[bi, y0, x0 + 1, c]) + x[bi, y0 + 1, x0, c])
+                              + x[bi, y0 + 1, x0 + 1, c]) * inv
+        return
     rows[:] = 0
     for r in range(rows.shape[0]):
         bi, rem = (p0 + r) // (oh * ow), (p0 + r) % (oh * ow)
