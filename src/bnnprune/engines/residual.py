@@ -21,7 +21,10 @@ engine (`triton_engine.TritonResidual`). What it runs:
 - float convs (the stem, AvgPool + 1x1 downsample shortcuts, the pool fused into the 1x1 conv):
   numba on channels-last rows (`cpu.float_conv_rows`), their BatchNorm / PReLU in the
   epilogue; other pools and convs torch on channels-last tensors (zero-copy views of the
-  engine's (B, H, W, C) arrays); the head (global average or flatten(1), then linear) in torch.
+  engine's (B, H, W, C) arrays);
+- the head: an AvgPool2d(k) + flatten(1) + linear or a global mean + linear at the end of the
+  program runs as one numba op in the CPU runtime (`fuse_head`, `cpu.pool_linear`); any other
+  head in torch.
 A binary layer is accepted only after a probe shows it computes conv(sign(x) padded with +1,
 sign(W)) [x a per-channel `output_scale()`] (project's `BinaryConv2d`, `ScaledBinaryConv2d`, or
 a user's class, e.g. tests/usermodels/tiny_bireal.py's). Anything else (a module, function or
