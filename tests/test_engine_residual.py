@@ -4,6 +4,7 @@ Bi-Real-style model, and models it must refuse. Tiny widths, a few images."""
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,13 @@ import bnnprune
 from bnnprune.core.binary import binary_layers
 from bnnprune.engines.kernels.pack import unpack_pm1
 from bnnprune.engines.packed import PackedModel
-from bnnprune.engines.residual import EngineUnsupported, PackedResidual
+from bnnprune.engines.residual import (
+    HUGE_PAGE,
+    EngineUnsupported,
+    PackedResidual,
+    huge_page_bytes,
+    huge_page_empty,
+)
 from bnnprune.models import build_model, model_config
 
 from conftest import REPO
@@ -87,6 +94,10 @@ def check_exact(model: nn.Module, engine: PackedResidual, x: torch.Tensor) -> No
     got = engine(x)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(got.argmax(1), ref.argmax(1))
+    # the engine shares buffers between values; one with its own buffer per op computes the
+    # same logits, bit for bit, and keeps every intermediate value for the checks below
+    engine = PackedResidual(engine.model, engine.program, share_buffers=False)
+    assert torch.equal(engine(x), got)
     inputs = binary_inputs(model, x)
     ops = engine.program.ops
     convs = [op for op in ops if op.kind == "bin_conv"]
@@ -119,6 +130,31 @@ def test_engine_matches_torch(make):
     kept = first.clone()
     engine(x[2:4])
     assert torch.equal(first, kept)  # an earlier call's logits are not overwritten
+
+
+def test_shared_buffers_hold_each_value_until_its_last_reader():
+    """The default engine reuses a value's buffer once its last reader has run: the same
+    logits as private buffers, bit for bit, call after call and across batch sizes, in less
+    memory; every buffer starts on a huge page."""
+    model = birealnet()
+    shared = PackedResidual.from_model(model)
+    private = PackedResidual.from_model(model, share_buffers=False)
+    for b in (5, 5, 2, 5):  # a new batch size drops the old buffers
+        x = torch.randn(b, 1, 28, 28, generator=torch.Generator().manual_seed(b))
+        assert torch.equal(shared(x), private(x))
+    own = [buf for op in private.ops for name, buf in op.buffers.items()
+           if name in ("out", "acc", "bits")]
+    assert len(own) == 22  # stem conv, 7 ends (6 with bits), 6 binary convs, 2 shortcuts
+    assert 0 < len(shared._pool) <= len(own) // 3
+    assert all(raw.ctypes.data % HUGE_PAGE == 0 for raw in shared._pool)
+
+
+def test_huge_page_buffers_are_aligned_and_large_enough():
+    for n in (1, HUGE_PAGE - 1, HUGE_PAGE, 3 * HUGE_PAGE + 5):
+        raw = huge_page_bytes(n)
+        assert raw.ctypes.data % HUGE_PAGE == 0 and raw.nbytes >= n and raw.nbytes % HUGE_PAGE == 0
+    a = huge_page_empty((3, 5), np.int32)
+    assert a.shape == (3, 5) and a.dtype == np.int32 and a.flags.c_contiguous
 
 
 def test_structure_packs_in_the_producers_epilogue():
@@ -156,7 +192,7 @@ def test_float_convs_match_torch(batch):
     each op's output rows are the torch module's output (the shortcut's on the pooled input)
     to float32 rounding (the sums run in another order)."""
     model = randomise(build_model(model_config("birealnet", 1.0, [1, 28, 28], 10), seed=0))
-    engine = PackedResidual.from_model(model)
+    engine = PackedResidual.from_model(model, share_buffers=False)  # keeps each op's output
     ops = [op for op in engine.program.ops if op.kind == "float_conv"]
     seen: dict[str, torch.Tensor] = {}
     hooks = [op.module.register_forward_hook(
