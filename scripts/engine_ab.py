@@ -3,14 +3,15 @@ interleaved call by call in one process (issue 22): what a kernel change buys in
 
     PATH=$PWD/.venv/bin:$PATH python scripts/engine_ab.py --old-rev 2cb6686
         [--checkpoint models/baseline.pt] [--widths 32 24 32] [--batch 64] [--repeats 40]
-        [--torch-head]
+        [--torch-head] [--plain-buffers]
 
 OLD: today's `PackedResidual` runtime with `engines/kernels/cpu.py` of --old-rev (imported from a
 temporary module, its numba cache off) in place of the current one; --torch-head also runs the
-head as torch ops, as before `fuse_head` (f5bb955). NEW: the working tree. Both on the baseline
-(a checkpoint, or a randomly initialised full-width birealnet) and on it cut to --widths with
-`bnnprune.prune(method="uniform")`. Prints, per model, min / median ms of each side, their
-ratios, the load, and whether old, new and torch predict the same classes."""
+head as torch ops, as before `fuse_head` (f5bb955); --plain-buffers gives it a buffer per op
+from np.empty, as before the shared huge-page buffers (ad47c7d). NEW: the working tree. Both on
+the baseline (a checkpoint, or a randomly initialised full-width birealnet) and on it cut to
+--widths with `bnnprune.prune(method="uniform")`. Prints, per model, min / median ms of each
+side, their ratios, the load, and whether old, new and torch predict the same classes."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch
 
 import bnnprune
 from bnnprune.engines import residual
-from bnnprune.engines.residual import PackedResidual
+from bnnprune.engines.residual import PackedResidual, huge_page_empty
 from bnnprune.models import build_model, load_checkpoint, model_config
 
 
@@ -55,6 +56,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--torch-head", action="store_true")
+    ap.add_argument("--plain-buffers", action="store_true")
     args = ap.parse_args()
     numba.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
@@ -66,20 +68,23 @@ def main() -> None:
     pruned, _ = bnnprune.prune(base, torch.zeros(1, 1, 28, 28), None, method="uniform",
                                widths=widths, seed=0)
     x = torch.randn(args.batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    print(f"old: kernels of {args.old_rev}{', torch head' if args.torch_head else ''}; "
+    print(f"old: kernels of {args.old_rev}{', torch head' if args.torch_head else ''}"
+          f"{', a buffer per op from np.empty' if args.plain_buffers else ''}; "
           f"new: working tree; batch {args.batch}; load before {os.getloadavg()}")
     for name, model in (("baseline", base), ("pruned", pruned.eval())):
         new = PackedResidual.from_model(model)
-        old = PackedResidual.from_model(model)
+        old = PackedResidual.from_model(model, share_buffers=not args.plain_buffers)
         if args.torch_head:
             old.ops = old.program.ops
 
         def run_old(old: PackedResidual = old) -> torch.Tensor:
             residual.cpu = old_cpu
+            if args.plain_buffers:  # buffers are made on the first call
+                residual.huge_page_empty = np.empty
             try:
                 return old(x)
             finally:
-                residual.cpu = new_cpu
+                residual.cpu, residual.huge_page_empty = new_cpu, huge_page_empty
 
         def run_new(new: PackedResidual = new) -> torch.Tensor:
             return new(x)
