@@ -145,8 +145,9 @@ def test_shared_buffers_hold_each_value_until_its_last_reader():
     own = [buf for op in private.ops for name, buf in op.buffers.items()
            if name in ("out", "acc", "bits")]
     assert len(own) == 22  # stem conv, 7 ends (6 with bits), 6 binary convs, 2 shortcuts
-    assert 0 < len(shared._pool) <= len(own) // 3
-    assert all(raw.ctypes.data % HUGE_PAGE == 0 for raw in shared._pool)
+    starts = {a.ctypes.data for a in shared._plan.values()}  # one per buffer, at its start
+    assert len(shared._plan) == len(own) and 0 < len(starts) <= len(own) // 3
+    assert all(start % HUGE_PAGE == 0 for start in starts)
 
 
 def test_huge_page_buffers_are_aligned_and_large_enough():

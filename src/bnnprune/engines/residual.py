@@ -44,6 +44,7 @@ tolerance.
 
 from __future__ import annotations
 
+import math
 import operator
 import time
 from dataclasses import dataclass, field
@@ -83,14 +84,13 @@ def huge_page_bytes(n: int) -> np.ndarray:
 
 def as_array(raw: np.ndarray, shape: tuple[int, ...], dtype) -> np.ndarray:
     """The first bytes of `raw` as a C-contiguous array of shape and dtype."""
-    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    n = math.prod(shape) * np.dtype(dtype).itemsize
     return raw[:n].view(dtype).reshape(shape)
 
 
 def huge_page_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     """np.empty(shape, dtype) on huge pages (`huge_page_bytes`), however small the array."""
-    return as_array(huge_page_bytes(int(np.prod(shape)) * np.dtype(dtype).itemsize), shape,
-                    dtype)
+    return as_array(huge_page_bytes(math.prod(shape) * np.dtype(dtype).itemsize), shape, dtype)
 
 
 @dataclass
@@ -666,10 +666,10 @@ class PackedResidual:
             for slot in (op.src, op.res):
                 if slot >= 0:
                     self._last_read[slot] = i
-        self._pool: list[np.ndarray] = []  # every shared buffer (bytes) made, in order
-        self._pool_batch = -1
-        self._free: list[np.ndarray] = []
-        self._held: dict[int, np.ndarray] = {}
+        self._plan: dict[int, np.ndarray] = {}  # value slot -> its array, this batch size
+        self._plan_batch = -1
+        self._free: list[np.ndarray] = []  # while planning: bytes no value holds
+        self._held: dict[int, np.ndarray] = {}  # while planning: slot -> its bytes
         for op in self.ops:  # per-op constants in the kernels' layouts, once
             if op.kind == "bin_conv":
                 op.buffers["weight"] = cpu.pack_conv_weight(op.weight.numpy())
@@ -695,35 +695,41 @@ class PackedResidual:
     def __call__(self, x: torch.Tensor, times: dict[str, float] | None = None) -> torch.Tensor:
         """x (B, C, H, W) float32 -> logits (B, classes); `times` gets each layer's seconds."""
         env: list[Any] = [None] * self.program.n_slots
-        if len(x) != self._pool_batch:  # other shapes: the old buffers go
-            self._pool, self._pool_batch = [], len(x)
-        self._free, self._held = list(self._pool), {}  # all free, handed out alike each call
+        planning = self.share_buffers and len(x) != self._plan_batch
+        if planning:  # the first call at this batch size hands out the buffers (`_buffer`)
+            self._plan, self._plan_batch, self._free, self._held = {}, -1, [], {}
         clock = time.perf_counter()
         for i, op in enumerate(self.ops):
             getattr(self, f"_{op.kind}")(op, env, x)
-            for slot in (op.dst, op.bits, op.src, op.res):  # values no later op reads
-                if slot in self._held and self._last_read.get(slot, i) <= i:
-                    self._free.append(self._held.pop(slot))
+            if planning:
+                for slot in (op.dst, op.bits, op.src, op.res):  # values no later op reads
+                    if slot in self._held and self._last_read.get(slot, i) <= i:
+                        self._free.append(self._held.pop(slot))
             if times is not None:
                 clock = _lap(times, op.layer, clock)
+        if planning:  # later calls at this batch size take the same buffers, planned
+            self._plan_batch = len(x)
         return env[self.program.out]
 
     def _buffer(self, op: Op, name: str, slot: int, shape: tuple[int, ...], dtype
                 ) -> np.ndarray:
-        """The array that holds value `slot` (op's output `name`) until its last reader: the
-        smallest free buffer it fits in (of those, the one freed last: still in cache), or a
-        new one."""
+        """The array that holds value `slot` (op's output `name`) until its last reader. The
+        first call at a batch size chooses it: the smallest free buffer it fits in (of those,
+        the one freed last: still in cache), or a new one; later calls find it planned."""
         if not self.share_buffers:
             return op.buffer(name, shape, dtype)
-        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        planned = self._plan.get(slot)
+        if planned is not None:
+            return planned
+        n = math.prod(shape) * np.dtype(dtype).itemsize
         fits = [i for i, raw in enumerate(self._free) if raw.nbytes >= n]
         if fits:
             raw = self._free.pop(min(reversed(fits), key=lambda i: self._free[i].nbytes))
         else:
             raw = huge_page_bytes(n)
-            self._pool.append(raw)
         self._held[slot] = raw
-        return as_array(raw, shape, dtype)
+        self._plan[slot] = as_array(raw, shape, dtype)
+        return self._plan[slot]
 
     forward = __call__
 
