@@ -160,16 +160,12 @@ def _tail_params(step: _Step, model: BNN) -> tuple | None:
     params = (1, 1, 0) if isinstance(pool, nn.Identity) else _maxpool_params(pool)
     if params is None or (step.kind == "linear" and params != (1, 1, 0)):
         return None
-    weight = model.classifier.weight.detach()  # (classes, F)
+    weight = np.ascontiguousarray(model.classifier.weight.detach().float().numpy())  # (classes, F)
     gap = model.head == "gap" and step.kind == "conv"
     if step.kind == "conv" and not gap:  # NCHW flatten order -> channels-last (PH, PW, C)
-        c = step.words.shape[1]
-        ph, pw = model.feature_hw
-        weight = weight.view(-1, c, ph, pw).permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
-    bias = model.classifier.bias
-    bias = torch.zeros(weight.shape[0]) if bias is None else bias.detach()
-    return (params, *bn_affine(step.block.bn), gap,
-            np.ascontiguousarray(weight.float().numpy()), bias.float().numpy().copy())
+        weight = cpu.channels_last_weight(weight, step.words.shape[1], *model.feature_hw)
+    bias = cpu.bias_vector(model.classifier.bias, weight.shape[0]).copy()
+    return (params, *bn_affine(step.block.bn), gap, weight, bias)
 
 
 def _lap(times: dict[str, float], name: str, since: float) -> float:

@@ -33,7 +33,8 @@ binary linear) raises `EngineUnsupported` naming the module and the op: never a 
 
 Memory: the values' buffers are allocated once per batch size, on transparent huge pages, and
 shared (`PackedResidual(share_buffers=True)`): measured 2 threads, batch 64, min, interleaved,
-against a buffer per op: birealnet 1.11-1.12x faster (huge pages alone 1.03-1.13x).
+against a buffer per op: birealnet 1.11-1.18x faster (huge pages alone 1.03-1.13x;
+reports/engine-residual.md, "The buffers").
 
 Exactness: every binary conv's integer outputs are torch's exactly (given the same input
 signs); the float stream follows torch's operations in float32, but torch's BatchNorm and 1x1
@@ -627,14 +628,14 @@ def fuse_head(ops: list[Op]) -> list[Op]:
         return sum(o.src == slot or o.res == slot for o in ops)
 
     tail = [o.kind for o in ops[-3:]]
-    if len(ops) >= 3 and tail == ["float_module", "flatten", "linear"]:
+    if tail == ["float_module", "flatten", "linear"]:
         pool_op, flat, lin = ops[-3:]
         pool = _pool_size(pool_op.module)
         chained = flat.src == pool_op.dst and lin.src == flat.dst
         if pool and chained and reads(pool_op.dst) == 1 and reads(flat.dst) == 1:
             return ops[:-3] + [Op("pool_linear", lin.layer, src=pool_op.src, dst=lin.dst,
                                   module=lin.module, pool=pool)]
-    if len(ops) >= 2 and tail[-2:] == ["mean", "linear"]:
+    if tail[-2:] == ["mean", "linear"]:
         mean, lin = ops[-2:]
         if lin.src == mean.dst and reads(mean.dst) == 1:
             return ops[:-2] + [Op("pool_linear", lin.layer, src=mean.src, dst=lin.dst,
